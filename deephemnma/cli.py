@@ -1,0 +1,125 @@
+"""``deephemnma <command>``: one subcommand per stage.
+
+Each module in :mod:`deephemnma.commands` defines a subcommand with the attributes
+``NAME``, ``HELP``, ``DESCRIPTION``, ``EXAMPLES`` (list of example command lines) and
+the functions ``add_arguments(parser)``, ``run(args, config) -> int | None`` and,
+optionally, ``default_log(args) -> Path | None`` (the log file used when ``--log`` is
+not given; typically beside the command's main output).
+
+Every subcommand takes ``--config``, ``--set KEY=VALUE``, ``--log``, ``--threads``,
+``-v`` and ``-q``. Errors in the user's input are printed as one line naming the file
+(and row) with exit code 2; nothing partial is left behind (writers are atomic).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+from . import __version__
+from .errors import DeephemnmaError
+from .logs import get_logger, setup_logging
+
+log = get_logger("cli")
+
+
+def discover_commands() -> list[ModuleType]:
+    from . import commands
+
+    mods = []
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: getattr(m, "ORDER", 100))
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--config", metavar="YAML", help="configuration file (default: the schema's defaults)")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one configuration value, e.g. --set nma.cutoff=10 (repeatable)")
+    g.add_argument("--log", metavar="FILE", help="log file (default: beside the main output)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: SLURM_CPUS_PER_TASK or all cores)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deephemnma",
+        description="DeepHEMNMA: continuous conformational landscapes of macromolecules from cryo-EM particles.",
+        epilog="Run 'deephemnma <command> --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"deephemnma {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for mod in discover_commands():
+        examples = "\n".join(f"  {e}" for e in getattr(mod, "EXAMPLES", []))
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            epilog=f"example{'s' if len(getattr(mod, 'EXAMPLES', [])) > 1 else ''}:\n{examples}" if examples else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        add_common_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mod = getattr(args, "_module", None)
+    if mod is None:
+        parser.print_help()
+        return 1
+
+    from .runtime import set_threads
+
+    args.threads = set_threads(args.threads)
+    log_file = args.log
+    if log_file is None and hasattr(mod, "default_log"):
+        log_file = mod.default_log(args)
+    setup_logging(log_file, verbose=args.verbose, quiet=args.quiet)
+    t0 = time.monotonic()
+    try:
+        from .config import load_config
+
+        config = load_config(args.config, args.overrides)
+        log.debug("deephemnma %s %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))
+        rc = mod.run(args, config)
+    except DeephemnmaError as exc:
+        log.debug("failed", exc_info=True)
+        msg = f"error: {exc}"
+        print(msg, file=sys.stderr)
+        _log_to_file_only(msg)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    log.debug("%s finished in %.1f s", mod.NAME, time.monotonic() - t0)
+    return int(rc or 0)
+
+
+def _log_to_file_only(msg: str) -> None:
+    import logging
+
+    for h in logging.getLogger("deephemnma").handlers:
+        if isinstance(h, logging.FileHandler):
+            h.emit(logging.LogRecord("deephemnma", logging.ERROR, "", 0, msg, None, None))
+
+
+def entry() -> None:  # pragma: no cover - console script wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

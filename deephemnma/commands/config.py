@@ -1,0 +1,36 @@
+"""``deephemnma config``: validate a configuration and print it with every default filled in."""
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+NAME = "config"
+ORDER = 1
+HELP = "validate a configuration file and print the effective configuration"
+DESCRIPTION = (
+    "Validate a configuration against workflow/schemas/config.schema.yaml and print the\n"
+    "effective configuration (defaults filled in). Unknown keys and wrong types are errors."
+)
+EXAMPLES = [
+    "deephemnma config --config config/config.yaml",
+    "deephemnma config --config my.yaml --set nma.cutoff=10 --out effective.yaml",
+]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", metavar="YAML", help="write the effective configuration here instead of stdout")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+
+
+def run(args, config: dict) -> int:
+    from ..config import load_schema
+    from ..fileio import atomic_write_text
+
+    obj = load_schema() if args.schema else config
+    text = yaml.safe_dump(obj, sort_keys=False)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
