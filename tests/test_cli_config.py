@@ -1,0 +1,67 @@
+"""CLI framework and configuration: defaults from the schema, unknown keys and wrong types rejected."""
+from __future__ import annotations
+
+import yaml
+import pytest
+
+from deephemnma.config import load_config, validate_config, defaults
+from deephemnma.errors import ConfigError
+
+
+def test_defaults_filled_from_schema():
+    cfg = defaults()
+    assert cfg["outdir"] == "results"
+    assert cfg["data"]["source"] == "simulate"
+    assert cfg["reference"]["atoms"] == "heavy"
+
+
+def test_unknown_key_is_error():
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate_config({"data": {"sorce": "star"}}, "x.yaml")
+
+
+def test_wrong_type_is_error():
+    with pytest.raises(ConfigError, match="seed"):
+        validate_config({"seed": "zero"}, "x.yaml")
+
+
+def test_given_values_kept_and_defaults_added(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"seed": 7, "data": {"source": "star", "particles": "p.star"}}))
+    cfg = load_config(p, ["reference.atoms=ca"])
+    assert cfg["seed"] == 7 and cfg["data"]["particles"] == "p.star"
+    assert cfg["data"]["data_dir"] is None
+    assert cfg["reference"]["atoms"] == "ca"
+
+
+def test_embedded_default_config_is_valid():
+    from conftest import REPO
+
+    load_config(REPO / "config" / "config.yaml")
+
+
+def test_snakemake_validate_agrees(tmp_path):
+    snakemake_utils = pytest.importorskip("snakemake.utils")
+    from deephemnma.config import SCHEMA_PATH
+
+    cfg = {"seed": 1}
+    snakemake_utils.validate(cfg, str(SCHEMA_PATH), set_default=True)
+    assert cfg["data"]["source"] == "simulate"
+    with pytest.raises(Exception):
+        snakemake_utils.validate({"bogus": 1}, str(SCHEMA_PATH))
+
+
+def test_cli_bad_config_one_line_error(run_cli, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("seed: [1\n")
+    proc = run_cli("config", "--config", p)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(p) in lines[0], proc.stderr
+
+
+def test_cli_help_lists_commands_with_examples(run_cli):
+    proc = run_cli("--help", check=True)
+    assert "config" in proc.stdout
+    proc = run_cli("config", "--help", check=True)
+    assert "example" in proc.stdout
