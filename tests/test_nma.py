@@ -176,6 +176,15 @@ def test_rtb_projector_orthonormal_and_degenerate_blocks():
     assert keep.sum() == 6 * nb - 2 * 3 - 1                         # 1 atom: no rotations; 2 atoms: one fewer
 
 
+def test_rtb_spatial_blocks_without_residues(ak_heavy, ak_full):
+    # references without residues (pseudoatoms) use k-means blocks of rtb_block atoms
+    rtb = compute_modes(ak_heavy.coords, 8.0, n_modes=12, method="rtb", rtb_block=10)
+    assert rtb.info["n_blocks"] == 166 and rtb.info["n_zero_modes"] == 6
+    Vf = ak_full.vectors[6:9].reshape(3, -1)
+    Vr = rtb.vectors[6:9].reshape(3, -1)
+    assert np.linalg.svd(Vf @ Vr.T, compute_uv=False).min() > 0.95
+
+
 def test_auto_method_switches_to_rtb(ak_heavy):
     small = compute_modes(ak_heavy.coords, 8.0, n_modes=8, method="auto", rtb_threshold=5000)
     big = compute_modes(ak_heavy.coords, 8.0, n_modes=8, method="auto", rtb_threshold=1000,
