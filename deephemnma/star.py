@@ -429,26 +429,34 @@ def _read_loop(path: Path, block: _Block, *, chunksize: int | None = None):
 def _iter_chunks(path: Path, block: _Block, cols: list[str], chunksize: int | None) -> Iterator[pd.DataFrame]:
     # index_col=False: a first row with too many values must not become an index column;
     # pandas then warns (ParserWarning), which we turn into an error.
+    parse_errors = (pd.errors.ParserError, pd.errors.ParserWarning, ValueError, UnicodeDecodeError)
     with _open_range(path, block.data_start, block.end) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", pd.errors.ParserWarning)
         try:
             reader = pd.read_csv(handle, names=cols + [_EXTRA], index_col=False, chunksize=chunksize or None,
                                  **_READ_CSV_KW)
-            if chunksize is None:
-                reader = iter([reader])
-            row0 = 0
-            while True:
-                try:
-                    chunk = next(reader)
-                except StopIteration:
-                    break
-                chunk = _check_loop(path, block, chunk, row0, len(cols))
-                row0 += len(chunk)
-                yield chunk
         except pd.errors.EmptyDataError:
             yield pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
-        except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError, UnicodeDecodeError) as exc:
+            return
+        except parse_errors as exc:
             raise _structure_error(path, block, len(cols), exc) from None
+        if chunksize is None:
+            reader = iter([reader])
+        row0 = 0
+        while True:
+            try:
+                chunk = next(reader)
+            except StopIteration:
+                break
+            except pd.errors.EmptyDataError:
+                if row0 == 0:
+                    yield pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+                break
+            except parse_errors as exc:
+                raise _structure_error(path, block, len(cols), exc) from None
+            chunk = _check_loop(path, block, chunk, row0, len(cols))
+            row0 += len(chunk)
+            yield chunk
 
 
 def _structure_error(path: Path, block: _Block, ncols: int, exc: Exception) -> InputError:
@@ -490,13 +498,22 @@ def _find_bad_row(path: Path, block: _Block, ncols: int, rows: Iterable[int] | N
     return None
 
 
+def _filled(s: pd.Series) -> np.ndarray:
+    """True where a value was present in the text (not NaN, not the "" of an absent field)."""
+    present = s.notna().to_numpy()
+    if not pd.api.types.is_numeric_dtype(s.dtype):
+        present = present & (s.astype(str) != "").to_numpy()
+    return present
+
+
 def _check_loop(path: Path, block: _Block, df: pd.DataFrame, row0: int, ncols: int) -> pd.DataFrame:
     """Detect rows with too many values (``_EXTRA`` filled), too few (pandas pads them
     with NaN: the last column is missing) and text in numeric columns."""
     extra = df.pop(_EXTRA)
     if df.empty:
         return df
-    suspects = extra.notna().to_numpy() | df[df.columns[-1]].isna().to_numpy()
+    # with keep_default_na=False pandas fills absent values with "" (text) or NaN (numbers)
+    suspects = _filled(extra) | ~_filled(df[df.columns[-1]])
     if suspects.any():
         rows = row0 + np.flatnonzero(suspects)[:1000]
         bad = _find_bad_row(path, block, ncols, rows)
@@ -904,9 +921,17 @@ def _format_column_arrow(s: pd.Series, pa, pc, float_format: str | None):
     # text (str, object, category, anything else)
     if isinstance(dt, pd.CategoricalDtype):
         s = s.astype(object)
-    if not pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
-        s = s.map(lambda v: v if isinstance(v, str) else (None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)))
-    arr = pa.array(s.to_numpy(dtype=object, na_value=None), type=pa.string())
+    arr = None
+    if isinstance(s.dtype, pd.StringDtype):
+        try:  # pandas' Arrow-backed text: no copy
+            arr = pc.cast(pa.array(s), pa.string())
+        except (TypeError, ValueError, pa.ArrowException):
+            arr = None
+    if arr is None:
+        if not pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
+            s = s.map(lambda v: v if isinstance(v, str)
+                      else (None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)))
+        arr = pa.array(s.to_numpy(dtype=object, na_value=None), type=pa.string())
     needs_quote = pc.or_(pc.match_substring_regex(arr, r"\s"), pc.equal(pc.utf8_length(arr), 0))
     quoted = pc.binary_join_element_wise('"', arr, '"', "")
     arr = pc.if_else(needs_quote, quoted, arr)
@@ -922,8 +947,7 @@ def _format_rows_arrow(df: pd.DataFrame, pa, pc, float_format, pool=None) -> byt
         joined = cols[0]
     else:
         joined = pc.binary_join_element_wise(*cols, " ")
-    joined = pc.binary_join_element_wise(joined, "", "\n")
-    joined = pc.cast(joined, pa.large_string())
+    joined = pc.cast(pc.binary_join_element_wise(joined, "", "\n"), pa.large_string())
     if isinstance(joined, pa.ChunkedArray):
         joined = joined.combine_chunks()
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset: joined.offset + len(joined) + 1]

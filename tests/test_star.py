@@ -510,3 +510,27 @@ def test_first_row_too_long_is_an_error_not_an_index(tmp_path, first):
     with pytest.raises(InputError) as e:
         S.read_star(p, pixel_size=1.0)
     assert e.value.row == 1 and "line 6" in str(e.value) and "where the header has 3 columns" in str(e.value)
+
+
+def test_empty_particle_block(tmp_path):
+    p = tmp_path / "e.star"
+    p.write_text("# version 30001\ndata_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n1 1.0\n\n"
+                 "# version 30001\ndata_particles\nloop_\n_rlnImageName #1\n_rlnOpticsGroup #2\n\n# end\n")
+    s = S.read_star(p)
+    assert len(s) == 0 and list(s.particles.columns) == ["rlnImageName", "rlnOpticsGroup"]
+    chunks = list(S.iter_particles(p, 10))
+    assert sum(len(c) for c in chunks) == 0
+    S.write_star(tmp_path / "o.star", s.particles, s.optics)
+    assert len(S.read_star(tmp_path / "o.star")) == 0
+
+
+def test_short_row_in_a_text_column_is_detected(tmp_path):
+    """pandas fills absent trailing values with "" when NaN parsing is restricted; not silently."""
+    p = tmp_path / "x.star"
+    p.write_text('data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n_myNote\n1@a.mrcs 1.0 hello\n'
+                 '2@a.mrcs 1.0 ""\n3@a.mrcs 1.0\n')
+    with pytest.raises(InputError) as e:
+        S.read_star(p)
+    assert e.value.row == 3 and "2 values where the header has 3" in str(e.value)
+    p.write_text('data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n_myNote\n1@a.mrcs 1.0 hello\n2@a.mrcs 1.0 ""\n')
+    assert list(S.read_star(p).particles["myNote"]) == ["hello", ""]
