@@ -15,8 +15,12 @@ header (unknown mode, impossible dimensions); truncated (file shorter than its h
 says); an image index beyond the stack; non-square images or a box size different from
 the other stacks'; NaN or Inf pixels in any image read. Header checks happen when a stack
 is first touched, or for all stacks at once with :meth:`ParticleImages.validate`.
-Old-style MRC files without the ``MAP`` identifier (e.g. EMPIAR 10076) are accepted when
-the rest of the header is consistent with the file size.
+Old-style MRC files without the ``MAP`` identifier (e.g. EMPIAR 10076, and the RELION
+stacks among the peer files) are accepted when the rest of the header is consistent with
+the file size. Headers are read with mrcfile in permissive mode (its strict mode rejects
+those old files) and checked here: on a truncated file mrcfile itself raises ``ValueError``
+("mmap length is greater than file size" / "Expected N bytes in data block") in strict
+mode and only warns, leaving ``data`` None, in permissive mode, so the size check is ours.
 
 Writing
 -------

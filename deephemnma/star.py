@@ -955,7 +955,8 @@ def _format_rows_arrow(df: pd.DataFrame, pa, pc, float_format, pool=None) -> byt
     return memoryview(data)[int(offsets[0]): int(offsets[-1])]
 
 
-def _format_rows_pandas(df: pd.DataFrame, float_format) -> str:  # pragma: no cover - fallback
+def _format_rows_pandas(df: pd.DataFrame, float_format) -> str:
+    """Fallback without pyarrow (slower; same text)."""
     texts = []
     for c in df.columns:
         s = df[c]
@@ -976,13 +977,23 @@ def _format_rows_pandas(df: pd.DataFrame, float_format) -> str:  # pragma: no co
     return "".join((line + "\n").tolist())
 
 
+def _threads() -> int:
+    """Threads granted to this process (``--threads`` sets OMP_NUM_THREADS), else usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _write_loop(fh, name: str, df: pd.DataFrame, *, float_format: str | None, chunk_rows: int) -> None:
     header = [f"data_{name}", "", "loop_"]
     header += [f"_{c} #{i}" for i, c in enumerate(df.columns, 1)]
     fh.write(("\n".join(header) + "\n").encode())
+    if len(df.columns) == 0:
+        raise ValueError(f"data_{name}: a table without columns cannot be written")
     pa, pc = _arrow()
-    workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     pool = None
+    workers = min(4, _threads())
     if pa is not None and workers > 1 and len(df) > 10_000:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -992,7 +1003,7 @@ def _write_loop(fh, name: str, df: pd.DataFrame, *, float_format: str | None, ch
             part = df.iloc[start: start + chunk_rows]
             if pa is not None:
                 fh.write(_format_rows_arrow(part, pa, pc, float_format, pool))
-            else:  # pragma: no cover
+            else:
                 fh.write(_format_rows_pandas(part, float_format).encode())
     finally:
         if pool is not None:

@@ -534,3 +534,14 @@ def test_short_row_in_a_text_column_is_detected(tmp_path):
     assert e.value.row == 3 and "2 values where the header has 3" in str(e.value)
     p.write_text('data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n_myNote\n1@a.mrcs 1.0 hello\n2@a.mrcs 1.0 ""\n')
     assert list(S.read_star(p).particles["myNote"]) == ["hello", ""]
+
+
+def test_writer_without_pyarrow_writes_the_same_values(tmp_path, monkeypatch):
+    df = _mixed_table(500, seed=4)
+    df["empty"] = ["", "a b"] * 250
+    S.write_star(tmp_path / "arrow.star", df, _optics())
+    monkeypatch.setattr(S, "_arrow", lambda: (None, None))
+    S.write_star(tmp_path / "plain.star", df, _optics())
+    a, b = S.read_star(tmp_path / "arrow.star"), S.read_star(tmp_path / "plain.star")
+    pd.testing.assert_frame_equal(a.particles, b.particles, check_exact=True)
+    pd.testing.assert_frame_equal(b.particles, df, check_exact=True)
