@@ -820,37 +820,53 @@ def iter_particles(path: str | os.PathLike, chunksize: int = 100_000) -> Iterato
 # Image locations
 
 
-def _candidates(rel: Path, star_path: Path, data_dir) -> list[Path]:
-    if rel.is_absolute():
-        return [rel]
+def _search_bases(star_path: Path, data_dir) -> list[Path]:
+    """Directories a relative image path is looked up in, in order (see module docstring)."""
     if data_dir is not None:
-        return [Path(data_dir) / rel]
-    base = Path(star_path).resolve().parent
-    out = [base / rel]
-    for parent in list(base.parents)[:3]:
-        out.append(parent / rel)
-    out.append(Path.cwd() / rel)
+        return [Path(os.path.abspath(data_dir))]
+    base = Path(os.path.abspath(star_path)).parent  # where the STAR file appears (no symlink resolution)
+    out: list[Path] = []
+    for b in [base, *list(base.parents)[:3], Path.cwd()]:
+        if b not in out:
+            out.append(b)
     return out
 
 
-def image_locations(star: StarData, data_dir: str | os.PathLike | None = None, *,
-                    check_exists: bool = True) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    """Resolve ``rlnImageName`` into ``(files, file_idx, image_idx)``.
+def _candidates(rel: Path, star_path: Path, data_dir, bases: list[Path] | None = None) -> list[Path]:
+    if rel.is_absolute():
+        return [rel]
+    return [b / rel for b in (bases if bases is not None else _search_bases(star_path, data_dir))]
 
-    ``files`` are the unique stack paths (in order of first appearance), ``file_idx[i]``
-    the index into ``files`` of particle ``i``'s stack and ``image_idx[i]`` the 0-based
-    image index within it. Missing stacks raise InputError naming the stack and the first
-    STAR row that refers to it (unless ``check_exists=False``).
-    """
-    p = star.particles
-    if IMAGE_NAME not in p.columns:
-        raise InputError(star.path, f"missing column _{IMAGE_NAME}")
-    names = p[IMAGE_NAME]
-    if not pd.api.types.is_string_dtype(names.dtype):
-        names = names.astype(str)
-    if names.isna().any():
-        i = int(np.flatnonzero(names.isna().to_numpy())[0])
-        raise InputError(star.path, f"empty _{IMAGE_NAME}", row=i + 1)
+
+def _split_image_names_arrow(names: pd.Series):
+    """(image numbers as int64 array, stack codes, unique stack names) or None if not possible."""
+    pa, pc = _arrow()
+    if pa is None:
+        return None
+    try:
+        arr = pa.array(names) if isinstance(names.dtype, pd.StringDtype) else pa.array(
+            names.to_numpy(dtype=object), type=pa.string())
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        parts = pc.split_pattern(arr, "@", max_splits=1)
+        lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+        offs = parts.offsets.to_numpy()[:-1] - parts.offsets.to_numpy()[0]
+        flat = parts.flatten()
+        has = lens == 2
+        first = flat.take(pa.array(offs))
+        paths = flat.take(pa.array(np.where(has, offs + 1, offs)))
+        nums = pc.cast(pc.if_else(pa.array(has), first, "1"), pa.int64()).to_numpy(zero_copy_only=False)
+        enc = pc.dictionary_encode(paths)
+        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        uniques = enc.dictionary.to_pylist()
+    except (pa.ArrowException, TypeError, ValueError):
+        return None  # e.g. a non-numeric image number: the pandas path finds the row
+    if (nums < 1).any() or any(u == "" for u in uniques):
+        return None
+    return nums, codes, uniques
+
+
+def _split_image_names_pandas(star: StarData, names: pd.Series):
     parts = names.str.partition("@")
     has_at = (parts[1] == "@").to_numpy()
     num = parts[0].where(has_at, "1")
@@ -866,20 +882,43 @@ def image_locations(star: StarData, data_dir: str | os.PathLike | None = None, *
         i = int(np.flatnonzero(empty)[0])
         raise InputError(star.path, f"_{IMAGE_NAME} {names.iloc[i]!r}: no file name", row=i + 1)
     codes, uniques = pd.factorize(paths, sort=False)
+    return idx.astype(np.int64), codes.astype(np.int64), [str(u) for u in uniques]
+
+
+def image_locations(star: StarData, data_dir: str | os.PathLike | None = None, *,
+                    check_exists: bool = True) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """Resolve ``rlnImageName`` into ``(files, file_idx, image_idx)``.
+
+    ``files`` are the unique stack paths (absolute, in order of first appearance),
+    ``file_idx[i]`` the index into ``files`` of particle ``i``'s stack and ``image_idx[i]``
+    the 0-based image index within it. Missing stacks raise InputError naming the stack and
+    the first STAR row that refers to it (unless ``check_exists=False``; then a missing
+    stack is given its first candidate path).
+    """
+    p = star.particles
+    if IMAGE_NAME not in p.columns:
+        raise InputError(star.path, f"missing column _{IMAGE_NAME}")
+    names = p[IMAGE_NAME]
+    if names.isna().any():
+        i = int(np.flatnonzero(names.isna().to_numpy())[0])
+        raise InputError(star.path, f"empty _{IMAGE_NAME}", row=i + 1)
+    if not pd.api.types.is_string_dtype(names.dtype):
+        names = names.astype(str)
+    split = _split_image_names_arrow(names)
+    nums, codes, uniques = split if split is not None else _split_image_names_pandas(star, names)
     first_row = np.unique(codes, return_index=True)[1]  # first STAR row of each stack
+    bases = _search_bases(star.path, data_dir)
     files: list[Path] = []
     for k, rel in enumerate(uniques):
-        rel = Path(str(rel))
-        cands = _candidates(rel, star.path, data_dir)
+        cands = _candidates(Path(rel), star.path, data_dir, bases)
         found = next((c for c in cands if c.is_file()), None) if check_exists else None
         if found is None:
             if check_exists:
-                where = cands[0]
-                raise InputError(where, f"image stack not found (referred to by {star.path}, "
+                raise InputError(cands[0], f"image stack not found (referred to by {star.path}, "
                                  f"row {int(first_row[k]) + 1})")
             found = cands[0]
         files.append(found)
-    return files, codes.astype(np.int64), idx.astype(np.int64) - 1
+    return files, codes, nums - 1
 
 
 # ---------------------------------------------------------------------------------------
