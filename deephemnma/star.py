@@ -39,9 +39,11 @@ Other data blocks (none in particle files) are ignored.
 Values are parsed exactly as ``starfile.read`` does (pandas' C parser on whitespace, ``'``
 treated as ``"`` for quoting, ``nan``/``NaN``/``<NA>`` as missing, integer columns stay
 integer, text columns are pandas ``str``), but the particle block is read straight from its
-byte range in the file: for a 10⁶-row file this is several times faster and uses a fraction
-of starfile's memory (bench/bench_star_io.py). :func:`iter_particles` streams the particle
-block in chunks without reading the whole file.
+byte range in the file: for a 10⁶-row, 490 MB file about 2.3× faster than starfile at a
+fifth of its peak memory (4.9 s / 0.68 GB vs 11.4 s / 3.5 GB, 2 loaded cores;
+bench/bench_star_io.py). :func:`iter_particles` streams the particle block in chunks
+(0.23 GB peak for the same file). The writer formats columns with Arrow compute kernels
+in chunks of 10⁵ rows: 6.5 s vs starfile's 53 s, +0.2 GB vs +1.3 GB above the table.
 
 Writing
 -------
