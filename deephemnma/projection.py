@@ -1,0 +1,332 @@
+"""Forward models shared by simulation, alignment and reconstruction (torch, batched).
+
+Conventions (see :mod:`deephemnma.geometry`): images are ``[y, x]``, volumes ``[z, y, x]``;
+the centre of an image or volume of even size ``D`` is the pixel ``D // 2`` on each axis; an
+atom at ``r`` (Å, relative to the centre) lands at ``(A·r)[x, y]``; the image is the
+integral along z of the rotated volume; ``F_img(k) = F_vol(Aᵀ·[kx, ky, 0])``.
+
+Shifts follow RELION's ``_rlnOriginX/YAngst``: the particle's centre sits at
+``image centre − origin``, so a projector given ``origins`` (in PIXELS: origin in Å divided
+by the pixel size) draws the particle translated by ``−origin``, and shifting an image by
+``+origin`` re-centres it (:func:`recenter`).
+
+* :class:`FourierSliceProjector` — a voxel volume projected by the Fourier-slice theorem
+  (oversampled volume transform, trilinear interpolation, gridding pre-correction).
+* :class:`FourierAccumulator` — its adjoint (back-projection into Fourier space with
+  trilinear weights) and a Wiener-style direct Fourier inversion.
+* :func:`project_gaussians` — atoms as 3-D Gaussians projected analytically: a rotated 3-D
+  Gaussian projects to a 2-D Gaussian, and the image is separable
+  ``I = Gyᵀ · diag(w) · Gx``, one batched matrix product.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_tensor(x, dtype=torch.float32, device=None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype=dtype, device=device if device is not None else x.device)
+    return torch.as_tensor(x, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------- shifts
+def fourier_shift(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate image content by ``shifts`` (…, 2) = (dx, dy) pixels: ``out(p) = in(p − s)``.
+
+    Sub-pixel shifts by a Fourier phase ramp (periodic boundary).
+    """
+    ny, nx = images.shape[-2:]
+    shifts = _as_tensor(shifts, torch.float64, images.device)
+    ky = torch.fft.fftfreq(ny, device=images.device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(nx, device=images.device, dtype=torch.float64)
+    phase = -2 * math.pi * (kx * shifts[..., 0, None, None] + ky[:, None] * shifts[..., 1, None, None])
+    ramp = torch.polar(torch.ones_like(phase), phase).to(torch.complex64 if images.dtype != torch.float64 else torch.complex128)
+    return torch.fft.irfft2(torch.fft.rfft2(images) * ramp, s=(ny, nx))
+
+
+def recenter(images: torch.Tensor, origins_px: torch.Tensor) -> torch.Tensor:
+    """Re-centre particles given their RELION origins in pixels (shift by +origin)."""
+    return fourier_shift(images, origins_px)
+
+
+def _shift_ramp_rfft(box_y: int, box_x: int, translation: torch.Tensor, device, sampling: int = 1) -> torch.Tensor:
+    """exp(−2πi k·t) on the rfft grid of a (box_y, box_x) image; t in pixels of that grid."""
+    ky = torch.fft.fftfreq(box_y, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box_x, device=device, dtype=torch.float64)
+    t = translation.to(torch.float64)
+    phase = -2 * math.pi * (kx * t[:, 0, None, None] + ky[:, None] * t[:, 1, None, None])
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+# --------------------------------------------------------------------- helpers (grid)
+def _sinc2_correction(size: int, padded: int, device, dtype=torch.float64) -> torch.Tensor:
+    """Per-axis real-space attenuation of trilinear interpolation on a grid of ``padded``
+    samples: sinc²((i − c)/padded) for the ``size`` central samples (c = size // 2)."""
+    r = (torch.arange(size, device=device, dtype=dtype) - size // 2) / padded
+    return torch.special.sinc(r) ** 2
+
+
+def _centered_fftn(vol: torch.Tensor) -> torch.Tensor:
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
+
+
+def _pad_center(vol: torch.Tensor, size: int) -> torch.Tensor:
+    d = vol.shape[-1]
+    if size == d:
+        return vol
+    out = vol.new_zeros((size,) * vol.dim())
+    o = size // 2 - d // 2
+    sl = tuple(slice(o, o + d) for _ in range(vol.dim()))
+    out[sl] = vol
+    return out
+
+
+def _crop_center(vol: torch.Tensor, size: int) -> torch.Tensor:
+    p = vol.shape[-1]
+    if size == p:
+        return vol
+    o = p // 2 - size // 2
+    sl = (Ellipsis,) + tuple(slice(o, o + size) for _ in range(3))
+    return vol[sl]
+
+
+def _slice_coords(box: int, rotations: torch.Tensor, full_y: bool = True) -> torch.Tensor:
+    """3-D frequency coordinates (B, box, box//2+1, 3) = kx·A[0] + ky·A[1] in units of 1/box,
+    on the rfft grid of a box² image (ky in fftfreq order)."""
+    dev = rotations.device
+    ky = torch.fft.fftfreq(box, d=1.0 / box, device=dev, dtype=rotations.dtype)  # integers −box/2 … box/2−1
+    kx = torch.arange(box // 2 + 1, device=dev, dtype=rotations.dtype)
+    return kx[None, None, :, None] * rotations[:, None, None, 0, :] + ky[None, :, None, None] * rotations[:, None, None, 1, :]
+
+
+# ------------------------------------------------------------------ Fourier slice
+class FourierSliceProjector:
+    """Project a voxel volume (D³, [z, y, x]) into D² images by the Fourier-slice theorem.
+
+    The volume is zero-padded ``oversample`` times, pre-divided by the sinc² of trilinear
+    interpolation (gridding correction) and Fourier transformed once; each projection
+    samples a central slice by trilinear interpolation (``grid_sample``) on the rfft half
+    plane and returns to real space. ``project(rotations, origins_px=None, ctf=None)``.
+    """
+
+    def __init__(self, volume, oversample: int = 2, device=None):
+        vol = _as_tensor(volume, torch.float64, device)
+        if vol.dim() != 3 or len(set(vol.shape)) != 1:
+            raise ValueError(f"volume must be a cube, got shape {tuple(vol.shape)}")
+        self.box = vol.shape[0]
+        self.oversample = int(oversample)
+        self.padded = self.box * self.oversample
+        c = _sinc2_correction(self.box, self.padded, vol.device)
+        vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
+        ft = _centered_fftn(_pad_center(vol, self.padded))
+        # (1, 2, P, P, P) real/imag channels for grid_sample
+        self._ft = torch.stack([ft.real, ft.imag]).to(torch.float32)[None].contiguous()
+        self.device = vol.device
+
+    def slices(self, rotations) -> torch.Tensor:
+        """Central slices (B, D, D//2+1) complex, rfft layout, phase referenced to the image centre."""
+        R = _as_tensor(rotations, torch.float32, self.device)
+        if R.dim() == 2:
+            R = R[None]
+        k3 = _slice_coords(self.box, R) * self.oversample  # padded-grid offsets from centre
+        P = self.padded
+        grid = (k3 + P // 2) / (P - 1) * 2 - 1  # align_corners=True normalisation, (x, y, z) order
+        out = F.grid_sample(self._ft, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        return torch.complex(out[0, 0], out[0, 1])
+
+    def project(self, rotations, origins_px=None, ctf=None) -> torch.Tensor:
+        """Images (B, D, D) float32. ``origins_px``: RELION origins in pixels (B, 2);
+        ``ctf``: (B, D, D//2+1) rfft-layout CTF (see :func:`deephemnma.ctf.compute_ctf`)."""
+        S = self.slices(rotations)
+        return slices_to_images(S, self.box, origins_px, ctf)
+
+
+def slices_to_images(slices: torch.Tensor, box: int, origins_px=None, ctf=None) -> torch.Tensor:
+    """rfft-layout, centre-referenced Fourier slices → real images centred at box//2."""
+    S = slices
+    if ctf is not None:
+        S = S * _as_tensor(ctf, torch.float32, S.device)
+    # centre-referenced → index-0-referenced: translate by +box//2 pixels
+    t = torch.full((S.shape[0], 2), float(box // 2), device=S.device, dtype=torch.float64)
+    if origins_px is not None:
+        t = t - _as_tensor(origins_px, torch.float64, S.device).reshape(-1, 2)
+    S = S * _shift_ramp_rfft(box, box, t, S.device).to(S.dtype)
+    return torch.fft.irfft2(S, s=(box, box))
+
+
+def images_to_slices(images: torch.Tensor, origins_px=None, pad: int | None = None) -> torch.Tensor:
+    """Real images (B, D, D) → centre-referenced rfft-layout transforms, re-centred by +origin.
+
+    With ``pad`` (> D) the images are zero-padded to pad² first (finer frequency sampling).
+    """
+    box = images.shape[-1]
+    if pad is not None and pad != box:
+        o = pad // 2 - box // 2
+        padded = images.new_zeros(images.shape[:-2] + (pad, pad))
+        padded[..., o:o + box, o:o + box] = images
+        images, box = padded, pad
+    S = torch.fft.rfft2(images)
+    t = torch.full((images.shape[0], 2), -float(box // 2), device=images.device, dtype=torch.float64)
+    if origins_px is not None:
+        t = t + _as_tensor(origins_px, torch.float64, images.device).reshape(-1, 2)
+    return S * _shift_ramp_rfft(box, box, t, images.device).to(S.dtype)
+
+
+# ------------------------------------------------------------------ back-projection
+class FourierAccumulator:
+    """Back-projection into an oversampled Fourier volume, for direct Fourier inversion.
+
+    ``insert(images, rotations, origins_px=None, ctf=None, weights=None)`` adds
+    ``CTF·F_img`` and ``CTF²`` (times per-image weights) at the central slice of each image
+    with trilinear splatting; :meth:`reconstruct` returns ``Σ CTF F / (Σ CTF² + reg)`` in real
+    space, gridding-corrected and cropped to D³. Two accumulators over random halves give
+    half maps for an FSC. Friedel symmetry is imposed at the end, so only the rfft half plane
+    of each image is inserted.
+    """
+
+    def __init__(self, box: int, oversample: int = 2, device=None, dtype=torch.float64):
+        self.box = int(box)
+        self.oversample = int(oversample)
+        self.padded = self.box * self.oversample
+        P = self.padded
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        # columns: Re Σ CTF·F, Im Σ CTF·F, Σ CTF² (one index_add_ per trilinear corner)
+        self.acc = torch.zeros(P ** 3, 3, dtype=dtype, device=self.device)
+        self.count = 0
+
+    def insert(self, images, rotations, origins_px=None, ctf=None, weights=None) -> None:
+        images = _as_tensor(images, torch.float32, self.device)
+        R = _as_tensor(rotations, torch.float32, self.device)
+        if images.dim() == 2:
+            images, R = images[None], R.reshape(1, 3, 3)
+        B, box = images.shape[0], images.shape[-1]
+        if box != self.box:
+            raise ValueError(f"image box {box} != accumulator box {self.box}")
+        P = self.padded
+        S = images_to_slices(images, origins_px, pad=P)  # (B, P, P//2+1)
+        w_img = torch.ones(B, 1, 1, device=self.device) if weights is None else \
+            _as_tensor(weights, torch.float32, self.device).reshape(B, 1, 1)
+        if ctf is not None:
+            ctf = _as_tensor(ctf, torch.float32, self.device)
+            if ctf.shape[-2:] != S.shape[-2:]:  # CTF given on the D² grid: resample onto the P² grid
+                ctf = _resample_rfft(ctf, P)
+            S = S * ctf
+            wt = ctf * ctf * w_img
+        else:
+            wt = w_img.expand(B, P, P // 2 + 1)
+        S = S * w_img
+        k3 = _slice_coords(P, R)  # padded-grid units
+        rad2 = (k3 * k3).sum(-1)
+        keep = rad2 <= (P // 2 - 1) ** 2
+        pos = (k3 + P // 2)[keep]  # (K, 3) float positions, (x, y, z)
+        vals = torch.stack([S.real[keep], S.imag[keep], wt[keep]], -1).to(self.dtype)  # (K, 3)
+        i0 = torch.floor(pos).long()
+        f = (pos - i0).to(self.dtype)
+        base = (i0[:, 2] * P + i0[:, 1]) * P + i0[:, 0]
+        for dz in (0, 1):
+            wz = f[:, 2] if dz else 1 - f[:, 2]
+            for dy in (0, 1):
+                wzy = wz * (f[:, 1] if dy else 1 - f[:, 1])
+                for dx in (0, 1):
+                    w = wzy * (f[:, 0] if dx else 1 - f[:, 0])
+                    self.acc.index_add_(0, base + ((dz * P + dy) * P + dx), vals * w[:, None])
+        self.count += B
+
+    def merge(self, other: "FourierAccumulator") -> None:
+        self.acc += other.acc
+        self.count += other.count
+
+    def state_dict(self) -> dict:
+        return {"box": self.box, "oversample": self.oversample, "count": self.count, "acc": self.acc}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "FourierAccumulator":
+        acc = cls(state["box"], state["oversample"], device=state["acc"].device, dtype=state["acc"].dtype)
+        acc.acc, acc.count = state["acc"], state["count"]
+        return acc
+
+    def _symmetrised(self):
+        P = self.padded
+
+        def mate(t):  # value at −k: index i → P − i (mod P) on each axis
+            t = t.reshape(P, P, P)
+            return torch.roll(torch.flip(t, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
+
+        re, im, w = self.acc.unbind(-1)
+        return re.reshape(P, P, P) + mate(re), im.reshape(P, P, P) - mate(im), w.reshape(P, P, P) + mate(w)
+
+    def fourier(self, reg: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, weight): Friedel-symmetrised Wiener estimate on the padded grid and its weights."""
+        re, im, w = self._symmetrised()
+        if reg is None:
+            reg = default_regularisation(w)
+        Fv = torch.complex(re, im) / (w + reg)
+        return Fv, w
+
+    def reconstruct(self, reg: float | None = None) -> torch.Tensor:
+        """Real-space volume (D³, [z, y, x], float32). ``reg`` defaults to
+        :func:`default_regularisation` (1 % of the mean weight inside the Nyquist sphere)."""
+        Fv, _ = self.fourier(reg)
+        P = self.padded
+        vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(Fv))).real
+        vol = _crop_center(vol, self.box)
+        c = _sinc2_correction(self.box, P, vol.device, vol.dtype)
+        vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
+        return vol.to(torch.float32)
+
+
+def default_regularisation(weight: torch.Tensor, fraction: float = 0.01) -> float:
+    """``fraction`` × the mean weight over sampled voxels: small enough not to bias
+    well-sampled frequencies, large enough to keep barely sampled ones from blowing up."""
+    sampled = weight[weight > 0]
+    return float(fraction * sampled.mean()) if sampled.numel() else 1.0
+
+
+def _resample_rfft(ctf: torch.Tensor, P: int) -> torch.Tensor:
+    """Resample an rfft-layout array (B, D, D//2+1) onto the (B, P, P//2+1) grid of the same
+    frequency range (bilinear, in centred order)."""
+    D = ctf.shape[-2]
+    centred = torch.fft.fftshift(ctf, dim=-2)[:, None]  # (B,1,D,D//2+1), ky centred
+    ky = torch.fft.fftshift(torch.fft.fftfreq(P, d=1.0 / P, device=ctf.device)) / (P / D)  # in D-grid units
+    kx = torch.arange(P // 2 + 1, device=ctf.device, dtype=torch.float32) / (P / D)
+    gy = (ky + D // 2) / (D - 1) * 2 - 1
+    gx = kx / (D // 2) * 2 - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None].expand(ctf.shape[0], -1, -1, -1)
+    out = F.grid_sample(centred, grid.to(ctf.dtype), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    return torch.fft.ifftshift(out, dim=-2)
+
+
+# ------------------------------------------------------------------ Gaussian atoms
+def project_gaussians(coords, weights, sigma, rotations, box: int, pixel_size: float,
+                      origins_px=None) -> torch.Tensor:
+    """Analytic projections of Gaussian atoms: (B, box, box), differentiable.
+
+    ``coords``: (N, 3) or (B, N, 3) Å relative to the box centre (e.g. a deformed
+    reference); ``weights`` (N,) integrated density of each atom; ``sigma`` Å (scalar or
+    (N,)); ``rotations`` (B, 3, 3); ``origins_px`` (B, 2) RELION origins in pixels. Each
+    image pixel holds Σ_n w_n N(p; (A r_n)[x, y] − origin, σ²) · pixel_size², so an image sums
+    to ≈ Σ w when the particle is inside the box.
+    """
+    R = rotations if isinstance(rotations, torch.Tensor) else torch.as_tensor(rotations)
+    dtype = R.dtype if R.dtype in (torch.float32, torch.float64) else torch.float32
+    R = R.to(dtype)
+    X = _as_tensor(coords, dtype, R.device)
+    if X.dim() == 2:
+        X = X[None].expand(R.shape[0], -1, -1)
+    w = _as_tensor(weights, dtype, R.device)
+    s = _as_tensor(sigma, dtype, R.device) / pixel_size
+    xy = torch.einsum("bnj,bij->bni", X, R[:, :2, :]) / pixel_size + box // 2  # (B, N, 2) pixels
+    if origins_px is not None:
+        xy = xy - _as_tensor(origins_px, dtype, R.device).reshape(-1, 1, 2)
+    grid = torch.arange(box, device=R.device, dtype=dtype)
+    s_ = s if s.dim() == 0 else s[None, :, None]
+    gx = torch.exp(-0.5 * ((grid - xy[..., 0:1]) / s_) ** 2)  # (B, N, box)
+    gy = torch.exp(-0.5 * ((grid - xy[..., 1:2]) / s_) ** 2)
+    amp = w / (2 * math.pi * s * s)  # (N,) or scalar-broadcast
+    if amp.dim() == 0:
+        amp = amp.expand(X.shape[1])
+    return torch.bmm((gy * amp[None, :, None]).transpose(1, 2), gx)  # (B, box_y, box_x)
