@@ -180,25 +180,65 @@ class FourierAccumulator:
     """Back-projection into an oversampled Fourier volume, for direct Fourier inversion.
 
     ``insert(images, rotations, origins_px=None, ctf=None, weights=None)`` adds
-    ``CTF·F_img`` and ``CTF²`` (times per-image weights) at the central slice of each image
-    with trilinear splatting; :meth:`reconstruct` returns ``Σ CTF F / (Σ CTF² + reg)`` in real
-    space, gridding-corrected and cropped to D³. Two accumulators over random halves give
-    half maps for an FSC. Friedel symmetry is imposed at the end, so only the rfft half plane
-    of each image is inserted.
+    ``CTF·F_img`` and ``CTF²`` (times per-image weights) at the central slice of each image;
+    :meth:`reconstruct` returns ``Σ CTF F / (Σ CTF² + reg)`` in real space,
+    gridding-corrected and cropped to D³. Two accumulators over random halves give half maps
+    for an FSC.
+
+    Implementation (as RELION's back-projector): the image transforms are taken at their own
+    size D and their frequencies scaled by ``oversample`` onto the padded grid
+    (P = oversample·D), so an image costs D·(D/2+1) insertions rather than P·(P/2+1).
+    Friedel symmetry halves the volume: only the half space kx ≥ 0 is stored (a point that
+    lands at kx < 0 is stored as its conjugate at −k), as ``(P, P, P//2+1)`` voxels [z, y, x]
+    with z, y in FFT order (index k mod P), so the inverse is one ``irfftn``; the plane kx = 0
+    is symmetrised at the end. ``interpolation``: ``"trilinear"`` (8 voxels per sample,
+    gridding correction sinc²) or ``"nearest"`` (1 voxel, correction sinc; ~5× faster).
+    ``dtype`` is that of the sums (float32 halves the memory: 0.8 GB per accumulator at
+    D = 256 with oversample 2).
     """
 
-    def __init__(self, box: int, oversample: int = 2, device=None, dtype=torch.float64):
+    def __init__(self, box: int, oversample: int = 2, device=None, dtype=torch.float64,
+                 interpolation: str = "trilinear"):
+        if interpolation not in ("trilinear", "nearest"):
+            raise ValueError(f"interpolation must be 'trilinear' or 'nearest', got {interpolation!r}")
         self.box = int(box)
         self.oversample = int(oversample)
         self.padded = self.box * self.oversample
+        self.interpolation = interpolation
         P = self.padded
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        # columns: Re Σ CTF·F, Im Σ CTF·F, Σ CTF² (one index_add_ per trilinear corner)
-        self.acc = torch.zeros(P ** 3, 3, dtype=dtype, device=self.device)
+        # columns: Re Σ CTF·F, Im Σ CTF·F, Σ CTF² over the half volume, flattened [z][y][x]
+        self.acc = torch.zeros(P * P * (P // 2 + 1), 3, dtype=dtype, device=self.device)
         self.count = 0
+        self._grid_cache: tuple | None = None
+
+    # -- insertion
+    def _image_grid(self):
+        """Per-image constants on the D² rfft grid: in-plane frequencies of the points kept
+        (inside the sphere that the padded grid holds) and their multiplicity weight."""
+        if self._grid_cache is None:
+            D, s = self.box, self.oversample
+            ky = torch.fft.fftfreq(D, d=1.0 / D, device=self.device, dtype=torch.float32)
+            kx = torch.arange(D // 2 + 1, device=self.device, dtype=torch.float32)
+            r2 = (kx[None, :] ** 2 + ky[:, None] ** 2) * (s * s)
+            keep = (r2 <= (self.padded // 2 - 1) ** 2).reshape(-1)
+            kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+            # the kx = 0 and kx = D/2 columns hold each frequency and its mate: weight ½
+            mult = torch.ones(D, D // 2 + 1, device=self.device, dtype=torch.float32)
+            mult[:, 0] = 0.5
+            if D % 2 == 0:
+                mult[:, -1] = 0.5
+            sel = keep.nonzero().squeeze(1)
+            self._grid_cache = (sel, kxx.reshape(-1)[sel] * s, kyy.reshape(-1)[sel] * s, mult.reshape(-1)[sel])
+        return self._grid_cache
 
     def insert(self, images, rotations, origins_px=None, ctf=None, weights=None) -> None:
+        """Add images (B, D, D) seen in orientations ``rotations`` (B, 3, 3).
+
+        ``origins_px``: RELION origins in pixels (B, 2); ``ctf``: (B, D, D//2+1) rfft-layout
+        CTF the images are modulated by (any other square grid is resampled); ``weights``:
+        per-image weights (B,)."""
         images = _as_tensor(images, torch.float32, self.device)
         R = _as_tensor(rotations, torch.float32, self.device)
         if images.dim() == 2:
@@ -206,75 +246,132 @@ class FourierAccumulator:
         B, box = images.shape[0], images.shape[-1]
         if box != self.box:
             raise ValueError(f"image box {box} != accumulator box {self.box}")
-        P = self.padded
-        S = images_to_slices(images, origins_px, pad=P)  # (B, P, P//2+1)
-        w_img = torch.ones(B, 1, 1, device=self.device) if weights is None else \
-            _as_tensor(weights, torch.float32, self.device).reshape(B, 1, 1)
         if ctf is not None:
             ctf = _as_tensor(ctf, torch.float32, self.device)
-            if ctf.shape[-2:] != S.shape[-2:]:  # CTF given on the D² grid: resample onto the P² grid
-                ctf = _resample_rfft(ctf, P)
-            S = S * ctf
-            wt = ctf * ctf * w_img
-        else:
-            wt = w_img.expand(B, P, P // 2 + 1)
-        S = S * w_img
-        k3 = _slice_coords(P, R)  # padded-grid units
-        rad2 = (k3 * k3).sum(-1)
-        keep = rad2 <= (P // 2 - 1) ** 2
-        pos = (k3 + P // 2)[keep]  # (K, 3) float positions, (x, y, z)
-        vals = torch.stack([S.real[keep], S.imag[keep], wt[keep]], -1).to(self.dtype)  # (K, 3)
-        i0 = torch.floor(pos).long()
-        f = (pos - i0).to(self.dtype)
-        base = (i0[:, 2] * P + i0[:, 1]) * P + i0[:, 0]
-        for dz in (0, 1):
-            wz = f[:, 2] if dz else 1 - f[:, 2]
-            for dy in (0, 1):
-                wzy = wz * (f[:, 1] if dy else 1 - f[:, 1])
-                for dx in (0, 1):
-                    w = wzy * (f[:, 0] if dx else 1 - f[:, 0])
-                    self.acc.index_add_(0, base + ((dz * P + dy) * P + dx), vals * w[:, None])
+            if ctf.dim() == 2:
+                ctf = ctf[None]
+        w_img = None if weights is None else _as_tensor(weights, torch.float32, self.device).reshape(-1)
+        # bound the temporaries (8 corners × points × 3 channels) to ~64 MB per chunk
+        chunk = max(1, int(2 ** 21 // max(1, self.box * (self.box // 2 + 1))))
+        for s in range(0, B, chunk):
+            sl = slice(s, s + chunk)
+            self._insert(images[sl], R[sl],
+                         None if origins_px is None else _as_tensor(origins_px, torch.float64, self.device).reshape(-1, 2)[sl],
+                         None if ctf is None else ctf[sl], None if w_img is None else w_img[sl])
         self.count += B
 
+    def _insert(self, images, R, origins_px, ctf, w_img) -> None:
+        D, P = self.box, self.padded
+        H = P // 2 + 1
+        B = images.shape[0]
+        sel, kx, ky, mult = self._image_grid()
+        S = images_to_slices(images, origins_px).reshape(B, -1)[:, sel]  # (B, K) complex64
+        wt = mult.expand(B, -1)
+        if ctf is not None:
+            if ctf.shape[-2:] != (D, D // 2 + 1):  # CTF on another grid: resample onto the D² grid
+                ctf = _resample_rfft(ctf, D)
+            c = ctf.reshape(B, -1)[:, sel]
+            S = S * c
+            wt = wt * c * c
+        if w_img is not None:
+            wt = wt * w_img[:, None]
+        S = S * (mult[None] if w_img is None else mult[None] * w_img[:, None])
+        # 3-D positions (padded-grid units) of the samples: kx·A[0] + ky·A[1]
+        pos = kx[None, :, None] * R[:, None, 0, :] + ky[None, :, None] * R[:, None, 1, :]  # (B, K, 3) (x, y, z)
+        re, im = S.real, S.imag
+        flip = pos[..., 0] < 0  # store the mate (−k, conjugate value) in the half space kx ≥ 0
+        pos = torch.where(flip[..., None], -pos, pos).reshape(-1, 3)
+        im = torch.where(flip, -im, im)
+        vals = torch.stack([re, im, wt], -1).reshape(-1, 3).to(self.dtype)
+        acc = self.acc
+        if self.interpolation == "nearest":
+            i = torch.round(pos).long()
+            idx = ((i[:, 2] % P) * P + (i[:, 1] % P)) * H + i[:, 0]
+            acc.index_add_(0, idx, vals)
+            return
+        i0 = torch.floor(pos)
+        f = (pos - i0).to(self.dtype)
+        i0 = i0.long()
+        x0 = i0[:, 0]
+        y0, y1 = i0[:, 1] % P, (i0[:, 1] + 1) % P
+        z0, z1 = i0[:, 2] % P, (i0[:, 2] + 1) % P
+        g = 1 - f
+        for zi, wz in ((z0, g[:, 2]), (z1, f[:, 2])):
+            for yi, wy in ((y0, g[:, 1]), (y1, f[:, 1])):
+                row = (zi * P + yi) * H + x0
+                wzy = wz * wy
+                acc.index_add_(0, row, vals * (wzy * g[:, 0])[:, None])
+                acc.index_add_(0, row + 1, vals * (wzy * f[:, 0])[:, None])
+
+    # -- bookkeeping
     def merge(self, other: "FourierAccumulator") -> None:
-        self.acc += other.acc
+        if (other.box, other.oversample, other.interpolation) != (self.box, self.oversample, self.interpolation):
+            raise ValueError("cannot merge accumulators of different box, oversampling or interpolation")
+        self.acc += other.acc.to(self.acc.dtype)
         self.count += other.count
 
     def state_dict(self) -> dict:
-        return {"box": self.box, "oversample": self.oversample, "count": self.count, "acc": self.acc}
+        return {"box": self.box, "oversample": self.oversample, "count": self.count, "acc": self.acc,
+                "interpolation": self.interpolation, "layout": "half"}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FourierAccumulator":
-        acc = cls(state["box"], state["oversample"], device=state["acc"].device, dtype=state["acc"].dtype)
+        acc = cls(state["box"], state["oversample"], device=state["acc"].device, dtype=state["acc"].dtype,
+                  interpolation=state.get("interpolation", "trilinear"))
+        if state["acc"].shape != acc.acc.shape:
+            raise ValueError(f"accumulator state of shape {tuple(state['acc'].shape)} does not fit box "
+                             f"{acc.box} × oversample {acc.oversample} (expected {tuple(acc.acc.shape)})")
         acc.acc, acc.count = state["acc"], state["count"]
         return acc
 
+    # -- inversion
     def _symmetrised(self):
+        """(Re, Im, W) half volumes (P, P, P//2+1) with the kx = 0 plane made Hermitian."""
         P = self.padded
+        re, im, w = (t.reshape(P, P, P // 2 + 1).clone() for t in self.acc.unbind(-1))
 
-        def mate(t):  # value at −k: index i → P − i (mod P) on each axis
-            t = t.reshape(P, P, P)
-            return torch.roll(torch.flip(t, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
+        def mate(t):  # value at (−kz, −ky) on the kx = 0 plane: index i → (P − i) mod P
+            return torch.roll(torch.flip(t, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
 
-        re, im, w = self.acc.unbind(-1)
-        return re.reshape(P, P, P) + mate(re), im.reshape(P, P, P) - mate(im), w.reshape(P, P, P) + mate(w)
+        r0, i0, w0 = re[..., 0], im[..., 0], w[..., 0]
+        re[..., 0], im[..., 0], w[..., 0] = r0 + mate(r0), i0 - mate(i0), w0 + mate(w0)
+        return re, im, w
 
-    def fourier(self, reg: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, weight): Friedel-symmetrised Wiener estimate on the padded grid and its weights."""
+    def fourier(self, reg=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, weight) on the padded grid, half-volume rfft layout ``(P, P, P//2+1)`` [z, y, x],
+        z and y in FFT order, phases referenced to the volume centre: the Wiener estimate
+        ``Σ CTF·F / (Σ CTF² + reg)`` and its weights ``Σ CTF²``. ``reg``: a number or a
+        tensor broadcastable to the half volume (e.g. per shell); default
+        :func:`default_regularisation`."""
         re, im, w = self._symmetrised()
         if reg is None:
             reg = default_regularisation(w)
         Fv = torch.complex(re, im) / (w + reg)
         return Fv, w
 
-    def reconstruct(self, reg: float | None = None) -> torch.Tensor:
-        """Real-space volume (D³, [z, y, x], float32). ``reg`` defaults to
-        :func:`default_regularisation` (1 % of the mean weight inside the Nyquist sphere)."""
-        Fv, _ = self.fourier(reg)
+    def frequency_radius(self) -> torch.Tensor:
+        """|k| of every half-volume voxel in units of 1/(D voxels) (so D/2 is Nyquist)."""
         P = self.padded
-        vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(Fv))).real
+        k = torch.fft.fftfreq(P, d=1.0 / P, device=self.device, dtype=torch.float32)
+        kx = torch.arange(P // 2 + 1, device=self.device, dtype=torch.float32)
+        r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
+        return torch.sqrt(r2) / self.oversample
+
+    def reconstruct(self, reg=None) -> torch.Tensor:
+        """Real-space volume (D³, [z, y, x], float32). ``reg`` defaults to
+        :func:`default_regularisation` (1 % of the mean weight over sampled voxels)."""
+        Fv, _ = self.fourier(reg)
+        return self.to_real(Fv)
+
+    def to_real(self, Fv: torch.Tensor) -> torch.Tensor:
+        """Half-volume transform (as from :meth:`fourier`) → gridding-corrected D³ volume."""
+        P = self.padded
+        vol = torch.fft.fftshift(torch.fft.irfftn(Fv, s=(P, P, P)))
         vol = _crop_center(vol, self.box)
-        c = _sinc2_correction(self.box, P, vol.device, vol.dtype)
+        if self.interpolation == "trilinear":
+            c = _sinc2_correction(self.box, P, vol.device, vol.dtype)
+        else:
+            c = torch.sqrt(_sinc2_correction(self.box, P, vol.device, vol.dtype))
         vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
         return vol.to(torch.float32)
 
