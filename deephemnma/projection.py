@@ -208,15 +208,18 @@ class FourierAccumulator:
         P = self.padded
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        # columns: Re Σ CTF·F, Im Σ CTF·F, Σ CTF² over the half volume, flattened [z][y][x]
-        self.acc = torch.zeros(P * P * (P // 2 + 1), 3, dtype=dtype, device=self.device)
+        # Σ CTF·F (complex) and Σ CTF² over the half volume, flattened [z][y][x]
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        self.data = torch.zeros(P * P * (P // 2 + 1), dtype=cdtype, device=self.device)
+        self.weight = torch.zeros(P * P * (P // 2 + 1), dtype=dtype, device=self.device)
         self.count = 0
         self._grid_cache: tuple | None = None
 
     # -- insertion
     def _image_grid(self):
-        """Per-image constants on the D² rfft grid: in-plane frequencies of the points kept
-        (inside the sphere that the padded grid holds) and their multiplicity weight."""
+        """Per-image constants on the D² rfft grid, for the points kept (inside the sphere the
+        padded grid holds): flat indices, in-plane frequencies (padded-grid units, (K, 2)),
+        multiplicity weights, and the row/column of each point."""
         if self._grid_cache is None:
             D, s = self.box, self.oversample
             ky = torch.fft.fftfreq(D, d=1.0 / D, device=self.device, dtype=torch.float32)
@@ -230,15 +233,35 @@ class FourierAccumulator:
             if D % 2 == 0:
                 mult[:, -1] = 0.5
             sel = keep.nonzero().squeeze(1)
-            self._grid_cache = (sel, kxx.reshape(-1)[sel] * s, kyy.reshape(-1)[sel] * s, mult.reshape(-1)[sel])
+            kxy = torch.stack([kxx.reshape(-1)[sel], kyy.reshape(-1)[sel]], -1) * s
+            self._grid_cache = (sel, kxy, mult.reshape(-1)[sel], sel // (D // 2 + 1), sel % (D // 2 + 1))
         return self._grid_cache
 
-    def insert(self, images, rotations, origins_px=None, ctf=None, weights=None) -> None:
+    def _centred_slices(self, images, origins_px, sel, rows, cols):
+        """rfft of the images at the kept points, phases referenced to the image centre and
+        re-centred by +origin: F(k)·exp(−2πi k·t/D) with t = origin − D/2 (separable ramp)."""
+        D = self.box
+        B = images.shape[0]
+        Fi = torch.fft.rfft2(images).reshape(B, -1)[:, sel]
+        t = torch.full((B, 2), -float(D // 2), device=images.device, dtype=torch.float64)
+        if origins_px is not None:
+            t = t + origins_px
+        fy = torch.fft.fftfreq(D, device=images.device, dtype=torch.float64)
+        fx = torch.fft.rfftfreq(D, device=images.device, dtype=torch.float64)
+        ex = torch.polar(torch.ones(B, fx.numel(), dtype=torch.float64, device=images.device),
+                         -2 * math.pi * fx[None] * t[:, 0:1]).to(torch.complex64)
+        ey = torch.polar(torch.ones(B, D, dtype=torch.float64, device=images.device),
+                         -2 * math.pi * fy[None] * t[:, 1:2]).to(torch.complex64)
+        return Fi * ex[:, cols] * ey[:, rows]
+
+    def insert(self, images, rotations, origins_px=None, ctf=None, weights=None,
+               ctf_premultiplied: bool = False) -> None:
         """Add images (B, D, D) seen in orientations ``rotations`` (B, 3, 3).
 
         ``origins_px``: RELION origins in pixels (B, 2); ``ctf``: (B, D, D//2+1) rfft-layout
         CTF the images are modulated by (any other square grid is resampled); ``weights``:
-        per-image weights (B,)."""
+        per-image weights (B,). ``ctf_premultiplied``: the images were already multiplied by
+        their CTF (RELION's ``rlnCtfDataAreCtfPremultiplied``): only the weights get CTF²."""
         images = _as_tensor(images, torch.float32, self.device)
         R = _as_tensor(rotations, torch.float32, self.device)
         if images.dim() == 2:
@@ -257,37 +280,41 @@ class FourierAccumulator:
             sl = slice(s, s + chunk)
             self._insert(images[sl], R[sl],
                          None if origins_px is None else _as_tensor(origins_px, torch.float64, self.device).reshape(-1, 2)[sl],
-                         None if ctf is None else ctf[sl], None if w_img is None else w_img[sl])
+                         None if ctf is None else ctf[sl], None if w_img is None else w_img[sl],
+                         ctf_premultiplied)
         self.count += B
 
-    def _insert(self, images, R, origins_px, ctf, w_img) -> None:
+    def _insert(self, images, R, origins_px, ctf, w_img, premultiplied=False) -> None:
         D, P = self.box, self.padded
         H = P // 2 + 1
         B = images.shape[0]
-        sel, kx, ky, mult = self._image_grid()
-        S = images_to_slices(images, origins_px).reshape(B, -1)[:, sel]  # (B, K) complex64
+        sel, kxy, mult, rows, cols = self._image_grid()
+        S = self._centred_slices(images, origins_px, sel, rows, cols)  # (B, K) complex64
         wt = mult.expand(B, -1)
         if ctf is not None:
             if ctf.shape[-2:] != (D, D // 2 + 1):  # CTF on another grid: resample onto the D² grid
                 ctf = _resample_rfft(ctf, D)
             c = ctf.reshape(B, -1)[:, sel]
-            S = S * c
+            if not premultiplied:
+                S = S * c
             wt = wt * c * c
+        scale = mult[None] if w_img is None else mult[None] * w_img[:, None]
         if w_img is not None:
             wt = wt * w_img[:, None]
-        S = S * (mult[None] if w_img is None else mult[None] * w_img[:, None])
-        # 3-D positions (padded-grid units) of the samples: kx·A[0] + ky·A[1]
-        pos = kx[None, :, None] * R[:, None, 0, :] + ky[None, :, None] * R[:, None, 1, :]  # (B, K, 3) (x, y, z)
-        re, im = S.real, S.imag
-        flip = pos[..., 0] < 0  # store the mate (−k, conjugate value) in the half space kx ≥ 0
-        pos = torch.where(flip[..., None], -pos, pos).reshape(-1, 3)
-        im = torch.where(flip, -im, im)
-        vals = torch.stack([re, im, wt], -1).reshape(-1, 3).to(self.dtype)
-        acc = self.acc
+        # 3-D positions (padded-grid units, (x, y, z)) of the samples: kx·A[0] + ky·A[1]
+        pos = torch.matmul(kxy, R[:, :2, :])  # (B, K, 3)
+        # store the mate (−k, conjugate value) of samples in kx < 0 in the half space kx ≥ 0
+        sign = torch.where(pos[..., 0] < 0, -1.0, 1.0)
+        pos = (pos * sign[..., None]).reshape(-1, 3)
+        cdtype = self.data.dtype
+        vals = torch.complex(S.real * scale, S.imag * (scale * sign)).reshape(-1).to(cdtype)
+        wt = wt.reshape(-1).to(self.dtype)
+        data, weight = self.data, self.weight
         if self.interpolation == "nearest":
             i = torch.round(pos).long()
             idx = ((i[:, 2] % P) * P + (i[:, 1] % P)) * H + i[:, 0]
-            acc.index_add_(0, idx, vals)
+            data.index_add_(0, idx, vals)
+            weight.index_add_(0, idx, wt)
             return
         i0 = torch.floor(pos)
         f = (pos - i0).to(self.dtype)
@@ -300,42 +327,43 @@ class FourierAccumulator:
             for yi, wy in ((y0, g[:, 1]), (y1, f[:, 1])):
                 row = (zi * P + yi) * H + x0
                 wzy = wz * wy
-                acc.index_add_(0, row, vals * (wzy * g[:, 0])[:, None])
-                acc.index_add_(0, row + 1, vals * (wzy * f[:, 0])[:, None])
+                for idx, w in ((row, wzy * g[:, 0]), (row + 1, wzy * f[:, 0])):
+                    data.index_add_(0, idx, vals * w)
+                    weight.index_add_(0, idx, wt * w)
 
     # -- bookkeeping
     def merge(self, other: "FourierAccumulator") -> None:
         if (other.box, other.oversample, other.interpolation) != (self.box, self.oversample, self.interpolation):
             raise ValueError("cannot merge accumulators of different box, oversampling or interpolation")
-        self.acc += other.acc.to(self.acc.dtype)
+        self.data += other.data.to(self.data.dtype)
+        self.weight += other.weight.to(self.weight.dtype)
         self.count += other.count
 
     def state_dict(self) -> dict:
-        return {"box": self.box, "oversample": self.oversample, "count": self.count, "acc": self.acc,
-                "interpolation": self.interpolation, "layout": "half"}
+        return {"box": self.box, "oversample": self.oversample, "count": self.count, "data": self.data,
+                "weight": self.weight, "interpolation": self.interpolation, "layout": "half"}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FourierAccumulator":
-        acc = cls(state["box"], state["oversample"], device=state["acc"].device, dtype=state["acc"].dtype,
+        if state.get("layout") != "half":
+            raise ValueError("accumulator state of an older layout (full volume): re-run the insertion")
+        acc = cls(state["box"], state["oversample"], device=state["weight"].device, dtype=state["weight"].dtype,
                   interpolation=state.get("interpolation", "trilinear"))
-        if state["acc"].shape != acc.acc.shape:
-            raise ValueError(f"accumulator state of shape {tuple(state['acc'].shape)} does not fit box "
-                             f"{acc.box} × oversample {acc.oversample} (expected {tuple(acc.acc.shape)})")
-        acc.acc, acc.count = state["acc"], state["count"]
+        if state["weight"].shape != acc.weight.shape:
+            raise ValueError(f"accumulator state of shape {tuple(state['weight'].shape)} does not fit box "
+                             f"{acc.box} × oversample {acc.oversample} (expected {tuple(acc.weight.shape)})")
+        acc.data, acc.weight, acc.count = state["data"], state["weight"], state["count"]
         return acc
 
     # -- inversion
     def _symmetrised(self):
-        """(Re, Im, W) half volumes (P, P, P//2+1) with the kx = 0 plane made Hermitian."""
+        """(Σ CTF·F, Σ CTF²) half volumes (P, P, P//2+1) with the kx = 0 plane made Hermitian."""
         P = self.padded
-        re, im, w = (t.reshape(P, P, P // 2 + 1).clone() for t in self.acc.unbind(-1))
-
-        def mate(t):  # value at (−kz, −ky) on the kx = 0 plane: index i → (P − i) mod P
-            return torch.roll(torch.flip(t, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
-
-        r0, i0, w0 = re[..., 0], im[..., 0], w[..., 0]
-        re[..., 0], im[..., 0], w[..., 0] = r0 + mate(r0), i0 - mate(i0), w0 + mate(w0)
-        return re, im, w
+        d = self.data.reshape(P, P, P // 2 + 1).clone()
+        w = self.weights()
+        d0 = d[..., 0]
+        d[..., 0] = d0 + _kx0_mate(d0).conj()
+        return d, w
 
     def fourier(self, reg=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(F, weight) on the padded grid, half-volume rfft layout ``(P, P, P//2+1)`` [z, y, x],
@@ -343,11 +371,18 @@ class FourierAccumulator:
         ``Σ CTF·F / (Σ CTF² + reg)`` and its weights ``Σ CTF²``. ``reg``: a number or a
         tensor broadcastable to the half volume (e.g. per shell); default
         :func:`default_regularisation`."""
-        re, im, w = self._symmetrised()
+        d, w = self._symmetrised()
         if reg is None:
             reg = default_regularisation(w)
-        Fv = torch.complex(re, im) / (w + reg)
-        return Fv, w
+        return d / (w + reg), w
+
+    def weights(self) -> torch.Tensor:
+        """Σ CTF² (times image weights) on the half volume ``(P, P, P//2+1)``, kx = 0 plane symmetrised."""
+        P = self.padded
+        w = self.weight.reshape(P, P, P // 2 + 1).clone()
+        w0 = w[..., 0]
+        w[..., 0] = w0 + _kx0_mate(w0)
+        return w
 
     def frequency_radius(self) -> torch.Tensor:
         """|k| of every half-volume voxel in units of 1/(D voxels) (so D/2 is Nyquist)."""
@@ -374,6 +409,11 @@ class FourierAccumulator:
             c = torch.sqrt(_sinc2_correction(self.box, P, vol.device, vol.dtype))
         vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
         return vol.to(torch.float32)
+
+
+def _kx0_mate(t: torch.Tensor) -> torch.Tensor:
+    """Value at (−kz, −ky) of a (P, P) plane in FFT order: index i → (P − i) mod P."""
+    return torch.roll(torch.flip(t, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
 
 
 def default_regularisation(weight: torch.Tensor, fraction: float = 0.01) -> float:
