@@ -169,8 +169,8 @@ def masked_fsc(map1, map2, mask, voxel_size: float = 1.0, seed: int = 0) -> FSCC
     rng = np.random.default_rng(seed)
     shells = shell_indices(D)
     if start <= D // 2:
-        ra = np.fft.irfftn(_randomise_phases(np.fft.rfftn(a), shells, start, rng), s=a.shape)
-        rb = np.fft.irfftn(_randomise_phases(np.fft.rfftn(b), shells, start, rng), s=b.shape)
+        ra = np.fft.irfftn(_randomise_phases(np.fft.rfftn(a), shells, start, rng), s=a.shape, axes=(0, 1, 2))
+        rb = np.fft.irfftn(_randomise_phases(np.fft.rfftn(b), shells, start, rng), s=b.shape, axes=(0, 1, 2))
         rand = fsc(ra * mask, rb * mask, voxel_size).fsc
     else:
         rand = np.zeros_like(masked.fsc)
