@@ -166,3 +166,74 @@ def group_map_fsc(group_map, reference_map, voxel_size: float, mask=None) -> fsc
         a = a * mask
         b = b * mask
     return fscmod.fsc(a, b, voxel_size)
+
+
+# ----------------------------------------------------------------------------- map alignment
+def best_translation(moving, fixed) -> np.ndarray:
+    """Shift (dz, dy, dx voxels) that best superposes ``moving`` on ``fixed`` (cross-correlation
+    peak with parabolic sub-voxel refinement)."""
+    a = np.asarray(fixed, np.float64)
+    b = np.asarray(moving, np.float64)
+    cc = np.fft.irfftn(np.fft.rfftn(a) * np.conj(np.fft.rfftn(b)), s=a.shape, axes=(0, 1, 2))
+    peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
+    shift = peak.astype(float)
+    for ax in range(3):
+        n = cc.shape[ax]
+        idx = [int(p) for p in peak]
+        vals = []
+        for d in (-1, 0, 1):
+            j = list(idx)
+            j[ax] = (idx[ax] + d) % n
+            vals.append(cc[tuple(j)])
+        den = vals[0] - 2 * vals[1] + vals[2]
+        if den < 0:
+            shift[ax] += 0.5 * (vals[0] - vals[2]) / den
+    shape = np.array(a.shape)
+    return np.where(shift > shape / 2, shift - shape, shift)
+
+
+def shift_volume(vol, shift) -> np.ndarray:
+    """Translate a volume by ``shift`` (dz, dy, dx) voxels (Fourier phase ramp, periodic)."""
+    v = np.asarray(vol, np.float64)
+    k = [np.fft.fftfreq(n) for n in v.shape[:2]] + [np.fft.rfftfreq(v.shape[2])]
+    ph = np.exp(-2j * np.pi * (k[0][:, None, None] * shift[0] + k[1][None, :, None] * shift[1]
+                               + k[2][None, None, :] * shift[2]))
+    return np.fft.irfftn(np.fft.rfftn(v) * ph, s=v.shape, axes=(0, 1, 2))
+
+
+def centroid_map(ref_coords, mode_vectors, amplitudes, weights, sigma: float, box: int, pixel_size: float,
+                 centre=None) -> np.ndarray:
+    """Map of the reference displaced by ``amplitudes`` (M,), atoms relative to ``centre``
+    (default: the weighted centre of the reference)."""
+    X0 = np.asarray(ref_coords, np.float64)
+    w = np.ones(len(X0)) if weights is None else np.asarray(weights, np.float64)
+    c = np.average(X0, axis=0, weights=w) if centre is None else np.asarray(centre, np.float64)
+    X = X0 + np.einsum("m,mnk->nk", np.asarray(amplitudes, np.float64), np.asarray(mode_vectors, np.float64))
+    return atoms_to_volume(X - c, w, sigma, box, pixel_size)
+
+
+def evaluate_group_maps(groups: dict[int, np.ndarray], maps: dict[int, tuple[np.ndarray, float]], ref_coords,
+                        mode_vectors, weights=None, sigma: float = 1.0, align: bool = True) -> pd.DataFrame:
+    """FSC of each group's map against the map simulated from its ground-truth centroid.
+
+    ``groups``: group → true mean amplitudes (M,); ``maps``: group → (map, voxel size). The
+    simulated map is first translated onto the reconstruction (cross-correlation), since the
+    two may place the molecule's centre differently. Returns one row per group with the
+    resolutions at FSC 0.5 and 0.143 and the applied shift; the curves are in ``.attrs``."""
+    rows, curves = [], {}
+    for g in sorted(groups):
+        if g not in maps:
+            continue
+        vol, pix = maps[g]
+        ref = centroid_map(ref_coords, mode_vectors, groups[g], weights, sigma, vol.shape[0], pix)
+        shift = np.zeros(3)
+        if align:
+            shift = best_translation(ref, vol)
+            ref = shift_volume(ref, shift)
+        curve = group_map_fsc(vol, ref, pix)
+        curves[g] = curve
+        rows.append({"group": g, "resolution_fsc05": curve.resolution(0.5), "resolution_fsc0143": curve.resolution(0.143),
+                     "shift_A": float(np.linalg.norm(shift) * pix), "voxel_size": pix, "box": int(vol.shape[0])})
+    out = pd.DataFrame(rows)
+    out.attrs["curves"] = curves
+    return out

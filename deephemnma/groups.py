@@ -264,3 +264,51 @@ def summarise_groups(labels: np.ndarray, Y: np.ndarray, amplitudes: np.ndarray |
                 row[f"{name}_mean"] = float(amplitudes[sel, j].mean())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ export
+def group_file(outdir, g: int):
+    from pathlib import Path
+
+    return Path(outdir) / f"group_{g:02d}.star"
+
+
+def export_groups(outdir, particles: pd.DataFrame, optics: pd.DataFrame | None, labels: np.ndarray,
+                  summary: pd.DataFrame, details: dict | None = None, write_all: bool = True) -> dict:
+    """Write ``group_NN.star`` per group, ``dropped.star`` (label 0), ``particles.star``
+    (everything, with ``dhnmaGroup``), ``groups.csv`` (summary) and ``groups.json``
+    (the list of files, counts, method details). Every STAR keeps all columns and the optics
+    table. Returns the JSON content."""
+    from pathlib import Path
+
+    from ._io_compat import GROUP, write_star
+    from .fileio import atomic_path, atomic_write_json
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    table = particles.copy()
+    table[GROUP] = labels.astype(np.int64)
+    # remove group files of an earlier run with more groups
+    for old in outdir.glob("group_[0-9][0-9]*.star"):
+        old.unlink()
+    files = {}
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(labels.max(initial=0) + 2))
+    for g in range(1, int(labels.max(initial=0)) + 1):
+        idx = order[bounds[g]:bounds[g + 1]]
+        if len(idx) == 0:
+            continue
+        p = group_file(outdir, g)
+        write_star(p, table.iloc[idx], optics)
+        files[g] = p.name
+    dropped_idx = order[bounds[0]:bounds[1]]
+    write_star(outdir / "dropped.star", table.iloc[dropped_idx], optics)
+    if write_all:
+        write_star(outdir / "particles.star", table, optics)
+    with atomic_path(outdir / "groups.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    doc = {"n_particles": int(len(labels)), "n_groups": len(files), "n_dropped": int(len(dropped_idx)),
+           "groups": {str(g): {"file": f, "size": int((labels == g).sum())} for g, f in files.items()},
+           "dropped": "dropped.star", "all": "particles.star" if write_all else None, "details": details or {}}
+    atomic_write_json(outdir / "groups.json", doc)
+    return doc

@@ -290,3 +290,75 @@ def add_coordinates(df: pd.DataFrame, Y: np.ndarray, prefix: str = "pc") -> pd.D
     for j, c in enumerate(names):
         out[c] = Y[:, j]
     return out
+
+
+# ------------------------------------------------------------------------------ stage driver
+def fit_spectral_subset(X, columns, settings: dict, n_components: int, standardise: bool, seed: int):
+    """Spectral embedding fitted on at most ``max_fit`` particles (seeded subset), the
+    others placed by the Nyström extension; returns (model, coordinates of all X)."""
+    n = len(X)
+    max_fit = int(settings.get("max_fit", 20000))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5BEC]))
+    fit_idx = np.sort(rng.choice(n, max_fit, replace=False)) if n > max_fit else np.arange(n)
+    model = SpectralModel.fit(X[fit_idx], columns, n_components, int(settings.get("n_neighbors", 15)),
+                              settings.get("kernel", "binary"), standardise, seed)
+    Y = np.empty((n, n_components))
+    Y[fit_idx] = model.embedding
+    rest = np.setdiff1d(np.arange(n), fit_idx)
+    if len(rest):
+        Y[rest] = model.transform(X[rest])
+    return model, Y
+
+
+def build_landscape(particles: pd.DataFrame, optics: pd.DataFrame | None, settings: dict, seed: int = 0,
+                    hemnma: tuple[pd.DataFrame, pd.DataFrame] | None = None, source=None):
+    """Fit the landscape of the ``landscape`` config section.
+
+    Returns (table with coordinate columns, optics, model, spectral model or None). With
+    ``fit_on: combined`` the HEMNMA particles (``hemnma`` = (particles, optics)) are
+    concatenated first (column ``dhnmaSource``)."""
+    from .outliers import amplitude_matrix
+
+    if settings.get("fit_on", "predicted") == "combined":
+        if hemnma is None:
+            raise InputError(source, "landscape.fit_on is combined: the HEMNMA particles are needed (--hemnma)")
+        particles, optics = concat_particle_sets([(particles, optics, SOURCE_NETWORK),
+                                                  (hemnma[0], hemnma[1], SOURCE_HEMNMA)], source)
+    X, cols = amplitude_matrix(particles, settings.get("modes"), source)
+    k = int(settings.get("n_components", 2))
+    std = bool(settings.get("standardise", False))
+    spec_settings = settings.get("spectral", {}) or {}
+    spectral = None
+    if settings.get("method", "pca") == "pca":
+        model = PCAModel.fit(X, cols, k, std)
+        out = add_coordinates(particles, model.transform(X), "pc")
+        log.info("PCA of %d particles × %d modes: variance explained %s", len(X), len(cols),
+                 ", ".join(f"PC{i + 1} {100 * r:.1f} %" for i, r in enumerate(model.explained_variance_ratio)))
+        if spec_settings.get("compare", False):
+            spectral, Ys = fit_spectral_subset(X, cols, spec_settings, k, std, seed)
+            out = add_coordinates(out, Ys, "spectral")
+    else:
+        model, Ys = fit_spectral_subset(X, cols, spec_settings, k, std, seed)
+        out = add_coordinates(particles, Ys, "pc")
+    return out, optics, model, spectral
+
+
+def landscape_plots(outdir, table: pd.DataFrame, model, settings: dict, seed: int = 0) -> list[Path]:
+    """landscape.png, explained_variance.png (PCA), amplitudes.png, spectral_vs_pca.png (when present)."""
+    from . import plots
+    from ._io_compat import pc_columns
+
+    outdir = Path(outdir)
+    ps = settings.get("plots", {}) or {}
+    Y = table[pc_columns(table)].to_numpy(np.float64)
+    paths = [plots.landscape(outdir / "landscape.png", Y, density=ps.get("density", "hexbin"),
+                             max_points=int(ps.get("max_points", 20000)), seed=seed,
+                             axis_label="PC" if isinstance(model, PCAModel) else "spectral ")]
+    if isinstance(model, PCAModel):
+        paths.append(plots.explained_variance(outdir / "explained_variance.png", model.explained_variance_ratio))
+    paths.append(plots.amplitude_histograms(outdir / "amplitudes.png", table[model.columns].to_numpy(), model.columns))
+    spec = [c for c in table.columns if str(c).startswith(SPECTRAL_PREFIX)]
+    if spec and isinstance(model, PCAModel):
+        paths.append(plots.embedding_comparison(outdir / "spectral_vs_pca.png", Y, table[spec].to_numpy(),
+                                                colour=Y[:, 0], max_points=int(ps.get("max_points", 20000)), seed=seed))
+    return paths
