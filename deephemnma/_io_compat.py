@@ -149,10 +149,16 @@ if not HAVE_IO:
                     f, k = name, 0
                 fi.append(files.setdefault(f, len(files)))
                 ii.append(k)
-            paths = [(base / f) if not os.path.isabs(f) else Path(f) for f in files]
-            for p in paths:
-                if not p.is_file():
-                    raise InputError(p, "image stack not found")
+            paths = []
+            for f in files:
+                if os.path.isabs(f) or data_dir is not None:
+                    cands = [base / f]
+                else:  # as deephemnma.star: the STAR's directory, then up to three parents, then cwd
+                    cands = [star.path.parent / f] + [par / f for par in list(star.path.resolve().parents)[:3]] + [Path(f)]
+                found = next((c for c in cands if c.is_file()), None)
+                if found is None:
+                    raise InputError(cands[0], "image stack not found")
+                paths.append(found)
             return cls(paths, fi, ii)
 
         def __len__(self) -> int:
