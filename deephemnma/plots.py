@@ -120,8 +120,11 @@ def fsc_curves(path, curves: dict, thresholds=(0.143, 0.5), title: str = "Fourie
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("FSC")
     ax.set_title(title)
-    sec = ax.secondary_xaxis("top", functions=(lambda f: 1 / np.maximum(f, 1e-6), lambda r: 1 / np.maximum(r, 1e-6)))
-    sec.set_xlabel("resolution (Å)")
+    ax.set_xlim(left=0)
+    ticks = [t for t in ax.get_xticks() if 0 < t <= ax.get_xlim()[1]]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(ticks, [f"{1 / t:.3g}" for t in ticks])
+    top.set_xlabel("resolution (Å)")
     if curves:
         ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1)
     return _save(fig, path)
