@@ -52,6 +52,7 @@ class FSCCurve:
 
 
 def _shell_sums(a: np.ndarray, shells: np.ndarray, nshell: int) -> np.ndarray:
+    """Sums of ``a`` per shell (shells ≥ nshell, the corners beyond Nyquist, are ignored)."""
     return np.bincount(shells.ravel(), weights=a.ravel(), minlength=nshell)[:nshell]
 
 
@@ -65,25 +66,39 @@ def _rfft_multiplicity(box: int) -> np.ndarray:
 
 
 def fsc(map1, map2, voxel_size: float = 1.0) -> FSCCurve:
-    """Fourier shell correlation of two D³ maps (shells 0 … D//2)."""
-    a = np.asarray(map1, dtype=np.float64)
-    b = np.asarray(map2, dtype=np.float64)
+    """Fourier shell correlation of two D³ maps (shells 0 … D//2). Computed in the maps'
+    precision (float32 maps: complex64 transforms), sums in float64, in slabs (bounded memory)."""
+    a = np.asarray(map1)
+    b = np.asarray(map2)
     if a.shape != b.shape or a.ndim != 3 or len(set(a.shape)) != 1:
         raise ValueError(f"maps must be cubes of the same size, got {a.shape} and {b.shape}")
+    dt = np.float32 if (a.dtype == np.float32 and b.dtype == np.float32) else np.float64
     D = a.shape[0]
-    A = np.fft.rfftn(a)
-    B = np.fft.rfftn(b)
+    A = np.fft.rfftn(a.astype(dt, copy=False))
+    B = np.fft.rfftn(b.astype(dt, copy=False))
     return _fsc_from_ft(A, B, D, voxel_size)
 
 
 def _fsc_from_ft(A, B, D, voxel_size) -> FSCCurve:
-    shells = shell_indices(D)
     n = D // 2 + 1
-    m = _rfft_multiplicity(D)[None, None, :]
-    num = _shell_sums((A * np.conj(B)).real * m, shells, n)
-    d1 = _shell_sums((np.abs(A) ** 2) * m, shells, n)
-    d2 = _shell_sums((np.abs(B) ** 2) * m, shells, n)
-    cnt = _shell_sums(np.broadcast_to(m, shells.shape), shells, n)
+    k = np.fft.fftfreq(D) * D
+    kx = np.fft.rfftfreq(D) * D
+    m = _rfft_multiplicity(D)
+    num = np.zeros(n)
+    d1 = np.zeros(n)
+    d2 = np.zeros(n)
+    cnt = np.zeros(n)
+    step = max(1, int(2 ** 22 // (D * (D // 2 + 1))))
+    for z0 in range(0, D, step):
+        z1 = min(D, z0 + step)
+        r = np.sqrt(k[z0:z1, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+        sh = np.rint(r).astype(np.int64).ravel()
+        a, b = A[z0:z1], B[z0:z1]
+        mm = np.broadcast_to(m, a.shape).ravel()
+        num += _shell_sums(((a * np.conj(b)).real).ravel() * mm, sh, n)
+        d1 += _shell_sums((a.real ** 2 + a.imag ** 2).ravel() * mm, sh, n)
+        d2 += _shell_sums((b.real ** 2 + b.imag ** 2).ravel() * mm, sh, n)
+        cnt += _shell_sums(mm, sh, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         f = num / np.sqrt(d1 * d2)
     f = np.where(np.isfinite(f), f, 0.0)

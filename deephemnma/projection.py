@@ -274,8 +274,8 @@ class FourierAccumulator:
             if ctf.dim() == 2:
                 ctf = ctf[None]
         w_img = None if weights is None else _as_tensor(weights, torch.float32, self.device).reshape(-1)
-        # bound the temporaries (8 corners × points × 3 channels) to ~64 MB per chunk
-        chunk = max(1, int(2 ** 21 // max(1, self.box * (self.box // 2 + 1))))
+        # bound the temporaries (~170 bytes per inserted point) to ~100 MB per chunk
+        chunk = max(1, int(2 ** 19 // max(1, self.box * (self.box // 2 + 1))))
         for s in range(0, B, chunk):
             sl = slice(s, s + chunk)
             self._insert(images[sl], R[sl],
@@ -392,23 +392,112 @@ class FourierAccumulator:
         r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
         return torch.sqrt(r2) / self.oversample
 
+    # -- chunked inversion (memory: the accumulator plus ~one chunk, never a second P³ array)
+    def _x_chunks(self):
+        P = self.padded
+        H = P // 2 + 1
+        step = max(1, int(2 ** 23 // (P * P)))  # ≈ 8 M voxels per chunk
+        return [(j, min(H, j + step)) for j in range(0, H, step)]
+
+    def _chunk(self, j0: int, j1: int):
+        """(Σ CTF·F, Σ CTF²) for x in [j0, j1): views, except that a chunk holding the kx = 0
+        plane is a copy with that plane symmetrised."""
+        P = self.padded
+        d = self.data.reshape(P, P, P // 2 + 1)[..., j0:j1]
+        w = self.weight.reshape(P, P, P // 2 + 1)[..., j0:j1]
+        if j0 == 0:
+            d, w = d.clone(), w.clone()
+            d0, w0 = d[..., 0].clone(), w[..., 0].clone()
+            d[..., 0] = d0 + _kx0_mate(d0).conj()
+            w[..., 0] = w0 + _kx0_mate(w0)
+        return d, w
+
+    def _shell_chunk(self, j0: int, j1: int, n_shells: int) -> torch.Tensor:
+        """round(|k|) in units of 1/D voxels, clipped to n_shells − 1, for x in [j0, j1)."""
+        P = self.padded
+        k = torch.fft.fftfreq(P, d=1.0 / P, device=self.device, dtype=torch.float32)
+        kx = torch.arange(j0, j1, device=self.device, dtype=torch.float32)
+        r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2) / self.oversample
+        return torch.round(r).long().clamp(max=n_shells - 1)
+
+    def shell_weights(self, n_shells: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per shell (round |k| in 1/D units; the last shell collects everything beyond): the
+        sum of the weights and the number of sampled voxels (float64)."""
+        n_shells = n_shells or self.box // 2 + 2
+        tot = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
+        cnt = torch.zeros(n_shells, dtype=torch.float64, device=self.device)
+        for j0, j1 in self._x_chunks():
+            _, w = self._chunk(j0, j1)
+            sh = self._shell_chunk(j0, j1, n_shells).reshape(-1)
+            w = w.reshape(-1).double()
+            tot += torch.bincount(sh, weights=w, minlength=n_shells)
+            cnt += torch.bincount(sh, weights=(w > 0).double(), minlength=n_shells)
+        return tot, cnt
+
+    def mean_weight(self) -> float:
+        """Mean weight over the sampled voxels of the (symmetrised) half volume."""
+        tot, cnt = 0.0, 0
+        for j0, j1 in self._x_chunks():
+            _, w = self._chunk(j0, j1)
+            tot += float(w.sum(dtype=torch.float64))
+            cnt += int(torch.count_nonzero(w))
+        return tot / cnt if cnt else 1.0
+
     def reconstruct(self, reg=None) -> torch.Tensor:
-        """Real-space volume (D³, [z, y, x], float32). ``reg`` defaults to
-        :func:`default_regularisation` (1 % of the mean weight over sampled voxels)."""
-        Fv, _ = self.fourier(reg)
-        return self.to_real(Fv)
+        """Real-space volume (D³, [z, y, x], float32): ``Σ CTF·F / (Σ CTF² + reg)``, inverted,
+        cropped and gridding-corrected, chunk by chunk along kx (memory ~ one extra chunk).
+
+        ``reg``: a number; or a 1-D array of one value per shell (``round(|k|)`` in 1/D units,
+        index ``D//2 + 1`` and beyond for frequencies past Nyquist; shorter arrays are extended
+        with their last value); or a tensor broadcastable to the half volume. Default: 1 % of
+        the mean weight over sampled voxels (:func:`default_regularisation`)."""
+        P, D = self.padded, self.box
+        H = P // 2 + 1
+        if reg is None:
+            reg = 0.01 * self.mean_weight()
+        per_shell = None
+        if isinstance(reg, (list, tuple)) or (hasattr(reg, "ndim") and getattr(reg, "ndim") == 1):
+            per_shell = _as_tensor(reg, self.weight.dtype, self.device)
+        elif isinstance(reg, torch.Tensor) and reg.dim() > 0:
+            reg = reg.to(self.device).expand(P, P, H)
+        # (−1)^k before an inverse transform = a shift by P/2 after it: the volume centre lands
+        # at P/2 and the wanted D samples are the contiguous slice lo:hi
+        lo, hi = P // 2 - D // 2, P // 2 - D // 2 + D
+        G = torch.empty(D, D, H, dtype=self.data.dtype, device=self.device)
+        for j0, j1 in self._x_chunks():
+            d, w = self._chunk(j0, j1)
+            if per_shell is not None:
+                r = per_shell[self._shell_chunk(j0, j1, per_shell.numel())]
+            elif isinstance(reg, torch.Tensor) and reg.dim() > 0:
+                r = reg[..., j0:j1]
+            else:
+                r = float(reg)
+            inv = torch.reciprocal(w + r)  # real arithmetic: cheaper than a complex division
+            inv[1::2].neg_()
+            inv[:, 1::2].neg_()
+            inv[..., (j0 % 2 == 0)::2].neg_()  # odd kx
+            f = torch.view_as_complex(torch.view_as_real(d) * inv[..., None])
+            del inv
+            f = torch.fft.ifft(f, dim=0)[lo:hi]
+            G[..., j0:j1] = torch.fft.ifft(f, dim=1)[:, lo:hi]
+            del f
+        vol = torch.fft.irfft(G, n=P, dim=2)[..., lo:hi]
+        return self._grid_correct(vol)
+
+    def _grid_correct(self, vol: torch.Tensor) -> torch.Tensor:
+        P = self.padded
+        c = _sinc2_correction(self.box, P, vol.device, torch.float64)
+        if self.interpolation == "nearest":
+            c = torch.sqrt(c)
+        c = c.to(vol.dtype)
+        vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
+        return vol.to(torch.float32)
 
     def to_real(self, Fv: torch.Tensor) -> torch.Tensor:
         """Half-volume transform (as from :meth:`fourier`) → gridding-corrected D³ volume."""
         P = self.padded
         vol = torch.fft.fftshift(torch.fft.irfftn(Fv, s=(P, P, P)))
-        vol = _crop_center(vol, self.box)
-        if self.interpolation == "trilinear":
-            c = _sinc2_correction(self.box, P, vol.device, vol.dtype)
-        else:
-            c = torch.sqrt(_sinc2_correction(self.box, P, vol.device, vol.dtype))
-        vol = vol / (c[:, None, None] * c[None, :, None] * c[None, None, :])
-        return vol.to(torch.float32)
+        return self._grid_correct(_crop_center(vol, self.box))
 
 
 def _kx0_mate(t: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from .errors import InputError
 from .fileio import atomic_path, atomic_write_json
 from .geometry import euler_to_matrix
 from .logs import get_logger, progress
-from .projection import FourierAccumulator, default_regularisation
+from .projection import FourierAccumulator
 
 log = get_logger(__name__)
 
@@ -195,30 +195,30 @@ def make_mask(settings: ReconstructSettings, average: np.ndarray, voxel_size: fl
     raise ValueError(f"unknown mask mode {settings.mask!r}")
 
 
-def fsc_regularisation(acc: FourierAccumulator, weight: torch.Tensor, curve: fscmod.FSCCurve) -> torch.Tensor:
-    """Per-voxel Wiener term ``<W>_shell / SNR(shell)`` on the accumulator's half volume."""
+def fsc_regularisation(acc: FourierAccumulator, curve: fscmod.FSCCurve) -> np.ndarray:
+    """Per-shell Wiener term ``<W>_shell / SNR(shell)`` (``SNR = 2 FSC / (1 − FSC)``, FSC of
+    the half maps clipped to [0.001, 0.999]); beyond Nyquist the term is huge (those
+    frequencies are zeroed). One value per shell for :meth:`FourierAccumulator.reconstruct`."""
     D = acc.box
-    shells = torch.round(acc.frequency_radius()).long().clamp(max=D // 2 + 1)  # D//2+1 = beyond Nyquist
-    f = np.clip(curve.fsc, 1e-3, 0.999)
-    snr = 2 * f / (1 - f)
-    nsh = D // 2 + 2
-    wsum = torch.bincount(shells.reshape(-1), weights=weight.reshape(-1).double(), minlength=nsh)
-    cnt = torch.bincount(shells.reshape(-1), weights=(weight.reshape(-1) > 0).double(), minlength=nsh)
-    mean_w = (wsum / cnt.clamp(min=1)).to(weight.dtype)
-    snr_t = torch.cat([torch.as_tensor(snr, dtype=weight.dtype, device=weight.device),
-                       torch.tensor([1e-6], dtype=weight.dtype, device=weight.device)])
-    reg = mean_w / snr_t
-    reg = torch.where(reg > 0, reg, torch.full_like(reg, float(default_regularisation(weight))))
-    return reg[shells]
+    tot, cnt = acc.shell_weights(D // 2 + 2)
+    mean_w = (tot / cnt.clamp(min=1)).cpu().numpy()
+    f = np.clip(curve.fsc[: D // 2 + 1], 1e-3, 0.999)
+    snr = np.append(2 * f / (1 - f), 1e-6)
+    reg = mean_w / snr
+    fallback = 0.01 * (tot.sum() / cnt.sum().clamp(min=1)).item()
+    return np.where(reg > 0, reg, fallback if fallback > 0 else 1.0)
 
 
 # ------------------------------------------------------------------------------ main
 def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: int = 0, data_dir=None,
-                     ignore_shifts: bool = False, indices=None) -> Reconstruction:
+                     ignore_shifts: bool = False, indices=None, pixel_size: float | None = None) -> Reconstruction:
     """Reconstruct the particles of ``star`` (a StarData) with half maps and FSC.
 
     ``indices``: optional subset of rows. ``ignore_shifts``: treat all origins as 0 (for data
-    whose STAR lists shifts the images do not carry)."""
+    whose STAR lists shifts the images do not carry). ``pixel_size``: the pixel size (Å) of
+    the images read, overriding the optics table (e.g. when the table describes downscaled
+    copies of the stacks named in ``rlnImageName``); the optics' ``rlnImageSize`` is then not
+    checked."""
     settings = settings or ReconstructSettings()
     t0 = time.perf_counter()
     source = star.path
@@ -233,14 +233,18 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     box = images.box
     if box % 2:
         raise InputError(source, f"odd image size {box}: box sizes must be even")
-    if "rlnImageSize" in df.columns:
+    if "rlnImageSize" in df.columns and pixel_size is None:
         sizes = df["rlnImageSize"].to_numpy(np.float64)
         if np.any(sizes != box):
             raise InputError(source, f"rlnImageSize {int(sizes[np.flatnonzero(sizes != box)[0]])} in the optics table "
                              f"differs from the image stacks' box {box}: the optics table does not describe the "
-                             "images read (use the STAR file of the original-size particles)")
-    px_all = pixel_sizes(star)
-    px_all = px_all if indices is None else px_all[np.asarray(indices)]
+                             "images read (use the STAR file of the original-size particles, or give their "
+                             "pixel size with --pixel-size)")
+    if pixel_size is not None:
+        px_all = np.full(n, float(pixel_size))
+    else:
+        px_all = pixel_sizes(star)
+        px_all = px_all if indices is None else px_all[np.asarray(indices)]
     pix = float(np.median(px_all))
     if np.any(np.abs(px_all - pix) > 1e-3 * pix):
         raise InputError(source, "particles with different pixel sizes cannot be reconstructed together")
@@ -269,6 +273,7 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     log.info("reconstructing %d particles (box %d, %.4g Å/px, CTF %s, %s interpolation ×%d) on %s",
              n, box, pix, settings.ctf, settings.interpolation, settings.oversample, device)
     t_read = 0.0
+    t_loop = time.perf_counter()
     for s in progress(range(0, n, bs), total=(n + bs - 1) // bs, desc="reconstruct", unit="batch"):
         e = min(n, s + bs)
         tr = time.perf_counter()
@@ -289,12 +294,10 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
             if sel.numel():
                 halves[h].insert(imgs[sel], Rb[sel], ob[sel], None if ctf is None else ctf[sel],
                                  ctf_premultiplied=premult)
+    t_loop = time.perf_counter() - t_loop
     n_half = (halves[0].count, halves[1].count)
 
-    half_maps = []
-    for acc in halves:
-        w = acc.weights()
-        half_maps.append(acc.reconstruct(default_regularisation(w, settings.reg_fraction)).cpu().numpy())
+    half_maps = [acc.reconstruct(settings.reg_fraction * acc.mean_weight()).cpu().numpy() for acc in halves]
     unmasked = fscmod.fsc(half_maps[0], half_maps[1], pix)
     average = 0.5 * (half_maps[0] + half_maps[1])
     mask = make_mask(settings, average, pix)
@@ -303,16 +306,16 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     full = halves[0]
     full.merge(halves[1])  # the half maps are done: sum in place
     del halves
-    w = full.weights()
     if settings.regularisation == "fsc":
-        reg = fsc_regularisation(full, w, unmasked)
+        reg = fsc_regularisation(full, unmasked)
     else:
-        reg = default_regularisation(w, settings.reg_fraction)
+        reg = settings.reg_fraction * full.mean_weight()
     volume = full.reconstruct(reg).cpu().numpy()
     seconds = time.perf_counter() - t0
     rec = Reconstruction(map=volume, half1=half_maps[0], half2=half_maps[1], voxel_size=pix, curve=curve,
                          mask=mask, n_particles=n, n_half=n_half, settings=settings, seconds=seconds,
-                         info={"read_seconds": round(t_read, 3), "device": str(device), "ignore_shifts": ignore_shifts})
+                         info={"read_seconds": round(t_read, 3), "insert_seconds": round(t_loop, 3),
+                               "finish_seconds": round(seconds - t_loop, 3), "device": str(device), "ignore_shifts": ignore_shifts})
     log.info("reconstructed %d particles in %.1f s: FSC 0.143 at %.2f Å, 0.5 at %.2f Å%s", n, seconds,
              rec.resolution_0143, rec.resolution_05, " (masked, corrected)" if mask is not None else "")
     return rec

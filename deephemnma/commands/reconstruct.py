@@ -25,7 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--particles", required=True, metavar="STAR", help="particles with poses and CTF")
     p.add_argument("--outdir", required=True, metavar="DIR", help="output directory")
     p.add_argument("--data-dir", metavar="DIR", help="directory against which rlnImageName paths are resolved")
-    p.add_argument("--pixel-size", type=float, metavar="A", help="pixel size for RELION 3.0 files without one")
+    p.add_argument("--pixel-size", type=float, metavar="A",
+                   help="pixel size (Å) of the images read, overriding the optics table (RELION 3.0 files without "
+                        "one, or an optics table describing downscaled copies of the stacks)")
     p.add_argument("--ignore-shifts", action="store_true",
                    help="treat all origins as zero (data whose STAR lists shifts the images do not carry)")
 
@@ -44,7 +46,7 @@ def run(args, config: dict) -> int:
     star = read_star(require_file(args.particles, "particle STAR file"), pixel_size=args.pixel_size,
                      data_dir=args.data_dir)
     rec = reconstruct_star(star, settings, seed=config["seed"], data_dir=args.data_dir,
-                           ignore_shifts=args.ignore_shifts)
+                           ignore_shifts=args.ignore_shifts, pixel_size=args.pixel_size)
     outdir = Path(args.outdir)
     curves = {"half maps" + (" (masked, corrected)" if rec.mask is not None else ""): (rec.curve.frequency, rec.curve.fsc)}
     if rec.mask is not None:
