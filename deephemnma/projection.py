@@ -309,12 +309,10 @@ class FourierAccumulator:
         cdtype = self.data.dtype
         vals = torch.complex(S.real * scale, S.imag * (scale * sign)).reshape(-1).to(cdtype)
         wt = wt.reshape(-1).to(self.dtype)
-        data, weight = self.data, self.weight
         if self.interpolation == "nearest":
             i = torch.round(pos).long()
             idx = ((i[:, 2] % P) * P + (i[:, 1] % P)) * H + i[:, 0]
-            data.index_add_(0, idx, vals)
-            weight.index_add_(0, idx, wt)
+            self._add(idx, vals, wt)
             return
         i0 = torch.floor(pos)
         f = (pos - i0).to(self.dtype)
@@ -328,8 +326,22 @@ class FourierAccumulator:
                 row = (zi * P + yi) * H + x0
                 wzy = wz * wy
                 for idx, w in ((row, wzy * g[:, 0]), (row + 1, wzy * f[:, 0])):
-                    data.index_add_(0, idx, vals * w)
-                    weight.index_add_(0, idx, wt * w)
+                    self._add(idx, vals * w, wt * w)
+
+    _complex_index_add = True
+
+    def _add(self, idx, vals, wt) -> None:
+        """data[idx] += vals (complex), weight[idx] += wt; complex index_add_ where the
+        backend has it, else on the (N, 2) real view (same sums)."""
+        if FourierAccumulator._complex_index_add:
+            try:
+                self.data.index_add_(0, idx, vals)
+            except RuntimeError:  # pragma: no cover - backends without complex index_add_
+                FourierAccumulator._complex_index_add = False
+                torch.view_as_real(self.data).index_add_(0, idx, torch.view_as_real(vals))
+        else:  # pragma: no cover
+            torch.view_as_real(self.data).index_add_(0, idx, torch.view_as_real(vals))
+        self.weight.index_add_(0, idx, wt)
 
     # -- bookkeeping
     def merge(self, other: "FourierAccumulator") -> None:
