@@ -29,10 +29,10 @@ PIPELINE = r"""
 import json, resource, time
 t = {}
 t0 = time.perf_counter()
-from deephemnma._io_compat import read_star, write_star, HAVE_IO
+from deephemnma.star import read_star, write_star
 from deephemnma.landscape import build_landscape
 from deephemnma.groups import assign_groups, summarise_groups, export_groups
-from deephemnma._io_compat import pc_columns, amplitude_columns
+from deephemnma.star import amplitude_columns, pc_columns
 import numpy as np
 t["import"] = time.perf_counter() - t0; t0 = time.perf_counter()
 star = read_star(__STAR__)
@@ -48,7 +48,7 @@ summary = summarise_groups(labels, Y, table[amp].to_numpy(np.float64), amp)
 t["group"] = time.perf_counter() - t0; t0 = time.perf_counter()
 doc = export_groups(__OUT__ + "/groups", table, optics, labels, summary, details)
 t["export_groups"] = time.perf_counter() - t0
-print(json.dumps({"times": t, "n_groups": doc["n_groups"], "n_dropped": doc["n_dropped"], "io_module": HAVE_IO,
+print(json.dumps({"times": t, "n_groups": doc["n_groups"], "n_dropped": doc["n_dropped"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -77,7 +77,7 @@ def make_table(path: Path, n: int, seed: int = 0) -> None:
     import numpy as np
     import pandas as pd
 
-    from deephemnma._io_compat import write_star
+    from deephemnma.star import write_star
 
     rng = np.random.default_rng(seed)
     r = rng.uniform(0, 1, n)
@@ -130,13 +130,12 @@ def main() -> int:
         "wall_s_median_incl_interpreter": statistics.median(x["wall_s"] for x in runs),
         "peak_rss_mb_max": round(max(x["peak_rss_mb"] for x in runs)),
         "steps_s": runs[0]["times"],
-        "n_groups": runs[0]["n_groups"], "io_module": runs[0]["io_module"],
+        "n_groups": runs[0]["n_groups"],
         "grouping_methods_s": {k: round(v["seconds"], 2) for k, v in m["methods"].items()},
         "grouping_methods_peak_rss_mb": round(m["peak_rss_mb"]),
         "targets": {"seconds": 60, "peak_rss_mb": 2048},
     }
-    write_result("landscape", figures, notes="single-threaded children; STAR I/O through deephemnma.star when "
-                 "io_module is true, otherwise starfile")
+    write_result("landscape", figures, notes="single-threaded children; STAR I/O through deephemnma.star")
     return 0
 
 

@@ -12,7 +12,6 @@ the child's peak memory. Repeated ``--repeats`` times; the median is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from deephemnma._io_compat import read_star
+from deephemnma.star import read_star
 from deephemnma.reconstruct import ReconstructSettings, reconstruct_star
 rec = reconstruct_star(read_star(sys.argv[1]), ReconstructSettings(mask="none", interpolation=sys.argv[2],
                        device="cpu", batch_size=128), seed=0)

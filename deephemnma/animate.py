@@ -35,7 +35,7 @@ def displace(ref_coords, mode_vectors, amplitudes) -> np.ndarray:
 
 def mode_stack(modes: dict[int, np.ndarray], columns: list[str]) -> np.ndarray:
     """Mode vectors (M, N, 3) in the order of the model's amplitude columns."""
-    from ._io_compat import amplitude_modes
+    from .star import amplitude_modes
 
     numbers = amplitude_modes(columns)
     if len(numbers) != len(columns):

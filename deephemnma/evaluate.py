@@ -64,7 +64,7 @@ def load_ground_truth(path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(path, "ground-truth table not found")
     if path.suffix.lower() == ".star":
-        from ._io_compat import read_star
+        from .star import read_star
 
         df = read_star(path).particles
     else:
@@ -100,11 +100,11 @@ def parameter_errors(pred: pd.DataFrame, truth: pd.DataFrame, modes: list[int] |
     x, y), ``shift_dist`` (Å, Euclidean); with ``ref_coords`` (N, 3) Å centred on the rotation
     centre and ``mode_vectors`` (M, N, 3) for ``modes``: ``rmsd_amp``, ``rmsd_angle``,
     ``rmsd_shift`` (Å)."""
-    from ._io_compat import amplitude_column
+    from .star import amplitude_column
 
     out = {IMAGE_NAME: pred[IMAGE_NAME].to_numpy()}
     if modes is None:
-        from ._io_compat import amplitude_modes
+        from .star import amplitude_modes
 
         modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
     dq = None

@@ -281,7 +281,7 @@ def export_groups(outdir, particles: pd.DataFrame, optics: pd.DataFrame | None, 
     table. Returns the JSON content."""
     from pathlib import Path
 
-    from ._io_compat import GROUP, write_star
+    from .star import GROUP, write_star
     from .fileio import atomic_path, atomic_write_json
 
     outdir = Path(outdir)

@@ -243,7 +243,7 @@ def concat_particle_sets(parts: list[tuple[pd.DataFrame, pd.DataFrame, int]], so
     Identical optics tables are shared; otherwise the later set's optics groups are
     renumbered after the earlier ones. A particle (``rlnImageName``) present in several
     sets is kept once, from the first set that has it."""
-    from ._io_compat import IMAGE_NAME, OPTICS_GROUP
+    from .star import IMAGE_NAME, OPTICS_GROUP
 
     out_p, out_o = [], None
     for particles, optics, code in parts:
@@ -278,7 +278,7 @@ def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 def add_coordinates(df: pd.DataFrame, Y: np.ndarray, prefix: str = "pc") -> pd.DataFrame:
     """Write coordinates as columns ``dhnmaPC1..k`` (``prefix="pc"``) or ``dhnmaSpectral1..k``
     (replacing any previous ones of that kind)."""
-    from ._io_compat import pc_column, pc_columns
+    from .star import pc_column, pc_columns
 
     out = df.copy()
     if prefix == "pc":
@@ -346,7 +346,7 @@ def build_landscape(particles: pd.DataFrame, optics: pd.DataFrame | None, settin
 def landscape_plots(outdir, table: pd.DataFrame, model, settings: dict, seed: int = 0) -> list[Path]:
     """landscape.png, explained_variance.png (PCA), amplitudes.png, spectral_vs_pca.png (when present)."""
     from . import plots
-    from ._io_compat import pc_columns
+    from .star import pc_columns
 
     outdir = Path(outdir)
     ps = settings.get("plots", {}) or {}

@@ -25,9 +25,10 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 
+from .star import FLAG as FLAG_COLUMN  # noqa: E402  "dhnmaFlag"
+from .star import FLAG_OUTLIER  # noqa: E402  bit 2
+
 DISTANCE_COLUMN = "dhnmaMahalanobis"
-FLAG_COLUMN = "dhnmaFlag"
-FLAG_OUTLIER = 2
 
 
 @dataclass
@@ -83,7 +84,7 @@ def expected_kept_fraction(threshold: float, n_modes: int) -> float:
 
 def amplitude_matrix(df: pd.DataFrame, modes: list[int] | None = None, source=None) -> tuple[np.ndarray, list[str]]:
     """Amplitudes (n, M) and their column names: the given ``modes`` or every mode present."""
-    from ._io_compat import amplitude_column, amplitude_columns
+    from .star import amplitude_column, amplitude_columns
 
     cols = [amplitude_column(m) for m in modes] if modes else amplitude_columns(df)
     if not cols:

@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 
 from . import fsc as fscmod
-from ._io_compat import images_for, merged, pixel_sizes, write_volume
+from .star import merged, pixel_sizes
+from .mrc import ParticleImages, write_volume
 from .errors import InputError
 from .fileio import atomic_path, atomic_write_json
 from .geometry import euler_to_matrix
@@ -228,7 +229,7 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     n = len(df)
     if n < 2:
         raise InputError(source, f"need at least 2 particles to reconstruct half maps, got {n}")
-    images = images_for(star, data_dir)
+    images = ParticleImages.from_star(star, data_dir=data_dir)
     rows = np.arange(len(star.particles)) if indices is None else np.asarray(indices)
     box = images.box
     if box % 2:

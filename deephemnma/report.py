@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import json
 from pathlib import Path
 
@@ -213,7 +212,7 @@ def _render_dir(sec: _Section, root: Path, d: Path, max_rows: int, seed: int) ->
 
 def _landscape_from_star(sec: _Section, p: Path, rel, seed: int) -> None:
     from . import plots
-    from ._io_compat import GROUP, pc_columns, read_star
+    from .star import GROUP, pc_columns, read_star
 
     star = read_star(p)
     cols = pc_columns(star.particles)

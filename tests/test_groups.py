@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import starfile
 
-from deephemnma._io_compat import read_star
+from deephemnma.star import read_star
 from deephemnma.errors import ConfigError
-from deephemnma.groups import assign_bins, assign_boxes, assign_density, assign_groups, summarise_groups
+from deephemnma.groups import assign_bins, assign_boxes, assign_groups, summarise_groups
 
 from _landsim import optics_table
 

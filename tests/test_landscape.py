@@ -6,10 +6,9 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 import starfile
 
-from deephemnma._io_compat import read_star
+from deephemnma.star import read_star
 from deephemnma.landscape import (PCAModel, SpectralModel, build_landscape, concat_particle_sets, load_model)
 
 from _landsim import gaussian_table, optics_table

@@ -9,7 +9,7 @@ import pytest
 import starfile
 from scipy.stats import chi
 
-from deephemnma._io_compat import read_star
+from deephemnma.star import read_star
 from deephemnma.errors import InputError
 from deephemnma.outliers import MahalanobisFilter, expected_kept_fraction, filter_table
 

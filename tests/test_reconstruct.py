@@ -11,7 +11,8 @@ import starfile
 import torch
 
 from deephemnma import fsc as F
-from deephemnma._io_compat import images_for, merged, read_star
+from deephemnma.star import merged, read_star
+from deephemnma.mrc import ParticleImages
 from deephemnma.ctf import CTFParams, compute_ctf, phase_flip
 from deephemnma.errors import InputError
 from deephemnma.evaluate import atoms_to_volume
@@ -46,7 +47,7 @@ def test_toy_projections_reconstruct_and_reproject(peer_dir):
     assert rec.n_particles == 1000 and rec.n_half == (500, 500)
     assert rec.voxel_size == pytest.approx(1.0)
     R, _ = poses_from_table(merged(star), 1.0, ignore_shifts=True)
-    images = images_for(star).read(np.arange(1000))
+    images = ParticleImages.from_star(star).read(np.arange(1000))
     proj = FourierSliceProjector(rec.map).project(torch.tensor(R, dtype=torch.float32)).numpy()
     cc = ncc(proj, images)
     assert cc.mean() > 0.99 and cc.min() > 0.95
@@ -55,7 +56,7 @@ def test_toy_projections_reconstruct_and_reproject(peer_dir):
           f"re-projection correlation mean {cc.mean():.4f} min {cc.min():.4f}")
     assert res <= 2.727  # at least as good as cryoDRGN's reconstruction of the same data
     # and the map is the toy model
-    from deephemnma._io_compat import read_volume
+    from deephemnma.mrc import read_volume
 
     truth = read_volume(peer_dir / "toymodel_small_nocenter.mrc").data
     assert np.corrcoef(rec.map.ravel(), truth.ravel())[0, 1] > 0.95

@@ -38,7 +38,9 @@ def run(args, config: dict) -> int:
     import numpy as np
     import pandas as pd
 
-    from .._io_compat import load_modes, load_structure, pc_columns, read_star
+    from ..star import pc_columns, read_star
+
+    from .._io_compat import load_modes, load_structure
     from ..animate import centroid_structures, write_axis_animations
     from ..errors import InputError
     from ..fileio import require_file

@@ -44,7 +44,9 @@ def run(args, config: dict) -> int:
     import numpy as np
 
     from .. import plots
-    from .._io_compat import amplitude_column, amplitude_modes, load_modes, read_star, read_volume
+    from ..star import amplitude_column, amplitude_modes, read_star
+    from ..mrc import read_volume
+    from .._io_compat import load_modes
     from ..animate import mode_stack
     from ..errors import InputError
     from ..evaluate import (align_tables, evaluate_group_maps, load_ground_truth, parameter_errors,

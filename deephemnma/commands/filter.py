@@ -32,7 +32,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from .._io_compat import read_star, write_star
+    from ..star import read_star, write_star
     from ..fileio import atomic_write_json, require_file
     from ..outliers import filter_table
 

@@ -38,7 +38,7 @@ def run(args, config: dict) -> int:
     import numpy as np
 
     from .. import plots
-    from .._io_compat import amplitude_columns, pc_columns, read_star
+    from ..star import amplitude_columns, pc_columns, read_star
     from ..errors import InputError
     from ..fileio import require_file
     from ..groups import assign_groups, export_groups, summarise_groups

@@ -37,7 +37,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from .._io_compat import amplitude_modes, read_star, write_star
+    from ..star import amplitude_modes, read_star, write_star
     from ..fileio import require_file
     from ..landscape import (PCAModel, add_coordinates, build_landscape, landscape_plots, load_model)
     from ..outliers import amplitude_matrix

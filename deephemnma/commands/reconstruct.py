@@ -38,7 +38,7 @@ def default_log(args) -> Path:
 
 def run(args, config: dict) -> int:
     from .. import plots
-    from .._io_compat import read_star
+    from ..star import read_star
     from ..fileio import require_file
     from ..reconstruct import ReconstructSettings, reconstruct_star
 
