@@ -190,11 +190,14 @@ class FourierAccumulator:
     (P = oversample·D), so an image costs D·(D/2+1) insertions rather than P·(P/2+1).
     Friedel symmetry halves the volume: only the half space kx ≥ 0 is stored (a point that
     lands at kx < 0 is stored as its conjugate at −k), as ``(P, P, P//2+1)`` voxels [z, y, x]
-    with z, y in FFT order (index k mod P), so the inverse is one ``irfftn``; the plane kx = 0
-    is symmetrised at the end. ``interpolation``: ``"trilinear"`` (8 voxels per sample,
-    gridding correction sinc²) or ``"nearest"`` (1 voxel, correction sinc; ~5× faster).
-    ``dtype`` is that of the sums (float32 halves the memory: 0.8 GB per accumulator at
-    D = 256 with oversample 2).
+    with z, y in FFT order (index k mod P); the plane kx = 0 is symmetrised at the end. Sums
+    are kept as ``data`` (complex Σ CTF·F) and ``weight`` (Σ CTF²), flat. :meth:`reconstruct`
+    inverts chunk by chunk along kx (inverse along z and y, crop to D, then the real inverse
+    along x), so it never holds a second P³ array. ``interpolation``: ``"trilinear"`` (8
+    voxels per sample, gridding correction sinc²) or ``"nearest"`` (1 voxel, correction sinc;
+    ~3× faster). ``dtype`` is that of the sums (float32: 12 bytes per half-volume voxel,
+    0.8 GB per accumulator at D = 256 with oversample 2). Partial accumulators (chunks,
+    workers) combine exactly with :meth:`merge`.
     """
 
     def __init__(self, box: int, oversample: int = 2, device=None, dtype=torch.float64,
