@@ -303,6 +303,13 @@ def compute_modes(coords: np.ndarray, cutoff: float, n_modes: int = 20, method: 
         raise ConfigError(f"nma.method = {method!r}: expected auto, full or rtb")
     t0 = time.perf_counter()
     pairs = enm.contact_pairs(coords, cutoff)
+    if len(pairs):
+        dist = np.linalg.norm(coords[pairs[:, 0]] - coords[pairs[:, 1]], axis=1)
+        same = np.flatnonzero(dist < 1e-3)
+        if len(same):
+            i, j = (int(x) + 1 for x in pairs[same[0]])
+            raise InputError(source, f"{len(same)} pair(s) of atoms at the same position (e.g. atoms {i} and {j} "
+                                     "of the selection, counted from 1): remove duplicates or alternate locations")
     ncomp, labels = enm.network_components(n, pairs)
     if ncomp > 1:
         sizes = np.bincount(labels)

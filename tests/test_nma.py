@@ -207,6 +207,12 @@ def test_floppy_network_is_error(ak_heavy):
         compute_modes(ak_heavy.coords, 4.5, n_modes=10, method="full")
 
 
+def test_coincident_atoms_is_error(ak_ca):
+    x = np.concatenate([ak_ca.coords, ak_ca.coords[5:6]])
+    with pytest.raises(InputError, match=r"same position \(e.g. atoms 6 and 215"):
+        compute_modes(x, 12.0)
+
+
 def test_too_few_atoms_is_error():
     with pytest.raises(InputError, match=r"only 3 atom\(s\)"):
         compute_modes(np.eye(3), 10.0)
@@ -293,6 +299,24 @@ def test_pseudoatoms_nothing_above_threshold(tmp_path):
     vol = read_map(p)
     with pytest.raises(InputError, match=r"no voxel above the threshold 1 \(map maximum 0.25\)"):
         fit_pseudoatoms(vol, threshold=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_read_map_errors(tmp_path):
+    bad = tmp_path / "bad.mrc"
+    bad.write_bytes(b"not a map" * 10)
+    with pytest.raises(InputError, match="cannot read as an MRC map"):
+        read_map(bad)
+    with pytest.raises(InputError, match="not found"):
+        read_map(tmp_path / "absent.mrc")
+    nan = tmp_path / "nan.mrc"
+    data = np.zeros((8, 8, 8), np.float32)
+    data[1, 2, 3] = np.nan
+    with mrcfile.new(str(nan)) as m:
+        m.set_data(data)
+        m.voxel_size = 1.0
+    with pytest.raises(InputError, match="1 NaN"):
+        read_map(nan)
 
 
 def test_pseudoatoms_real_map(ak_dir):
