@@ -77,7 +77,7 @@ def axis_frames(model, axis: int, ref_coords, mode_vectors, Y=None, n_frames: in
 def write_axis_animations(outdir, atoms, modes: dict[int, np.ndarray], model, Y=None, n_frames: int = 21,
                           quantile: float = 0.02, bounce: bool = True, axes=None) -> list[Path]:
     """One multi-model PDB per landscape axis (``axis_01.pdb`` …) and ``chimerax.cxc``."""
-    from ._io_compat import write_multimodel_pdb
+    from .structure import write_multimodel_pdb
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def centroid_structures(outdir, atoms, modes: dict[int, np.ndarray], columns: li
                         ) -> list[Path]:
     """``group_NN_centroid.pdb`` for each group (mean amplitudes ``centroids[g]`` over
     ``columns``) and ``centroids.pdb`` with all of them as models (in group order)."""
-    from ._io_compat import write_multimodel_pdb
+    from .structure import write_multimodel_pdb
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

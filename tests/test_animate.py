@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import starfile
 
-from deephemnma._io_compat import load_structure
+from deephemnma.config import validate_config
+from deephemnma.nma import run_nma
 from deephemnma.animate import axis_frames, centroid_structures, displace, write_axis_animations
 from deephemnma.landscape import PCAModel
 
@@ -19,12 +20,12 @@ COLS = ["dhnmaAmplitude007", "dhnmaAmplitude008", "dhnmaAmplitude009"]
 @pytest.fixture(scope="module")
 def setup(ak_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("anim")
-    atoms = load_structure(ak_dir / "4ake_ca.pdb", atoms="ca")
+    ms = run_nma(ak_dir / "4ake_ca.pdb", tmp / "modes.npz", validate_config({"reference": {"atoms": "ca"}}))
+    atoms = ms.atoms()
     n = len(atoms.coords)
     rng = np.random.default_rng(0)
-    Q, _ = np.linalg.qr(rng.standard_normal((3 * n, 3)))  # 3 orthonormal unit-norm 3N vectors
-    modes = {7 + j: Q[:, j].reshape(n, 3) for j in range(3)}
-    np.savez(tmp / "modes.npz", coords=atoms.coords, modes=Q.T.reshape(3, n, 3), mode_numbers=[7, 8, 9])
+    modes = {int(m): v for m, v in zip(ms.mode_numbers, ms.modes)}
+    assert sorted(modes) == [7, 8, 9]
     r = rng.uniform(0, 1, 4000)
     X = np.stack([-200 * r, 200 * np.sin(np.pi * r), 200 * np.cos(np.pi * r)], 1) + rng.normal(scale=5, size=(4000, 3))
     model = PCAModel.fit(X, COLS, 2)
@@ -83,16 +84,16 @@ def test_animate_command(setup, ak_dir, tmp_path, run_cli):
     pd.DataFrame({"group": [0, 1], "size": [10, 20], "dhnmaAmplitude007_mean": [0.0, -100.0],
                   "dhnmaAmplitude008_mean": [0.0, 150.0], "dhnmaAmplitude009_mean": [0.0, 20.0]}
                  ).to_csv(tmp_path / "groups.csv", index=False)
-    res = run_cli("animate", "--model", tmp_path / "model.json", "--reference", ak_dir / "4ake_ca.pdb",
+    res = run_cli("animate", "--model", tmp_path / "model.json",
                   "--modes", s["tmp"] / "modes.npz", "--particles", tmp_path / "land.star",
                   "--groups", tmp_path / "groups.csv", "--outdir", tmp_path / "anim",
-                  "--set", "reference.atoms=ca", "--set", "landscape.animation.n_frames=7")
+                  "--set", "landscape.animation.n_frames=7")
     assert res.returncode == 0, res.stderr
     assert read_models(tmp_path / "anim" / "axis_02.pdb").shape == (12, s["n"], 3)
     assert (tmp_path / "anim" / "group_01_centroid.pdb").is_file()
     assert not (tmp_path / "anim" / "group_00_centroid.pdb").exists()
-    # a reference with another atom selection than the modes is refused, naming the file
-    res = run_cli("animate", "--model", tmp_path / "model.json", "--reference", ak_dir / "4ake.pdb",
-                  "--modes", s["tmp"] / "modes.npz", "--outdir", tmp_path / "anim2", "--set", "reference.atoms=heavy",
-                  "--set", "reference.chains=[A]")
-    assert res.returncode == 2 and "4ake.pdb" in res.stderr and "214" in res.stderr
+    # a file that is not a modes file is refused in one line naming it
+    res = run_cli("animate", "--model", tmp_path / "model.json", "--modes", tmp_path / "land.star",
+                  "--outdir", tmp_path / "anim2")
+    assert res.returncode == 2 and "land.star" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "anim2" / "axis_01.pdb").exists()

@@ -10,7 +10,8 @@ import pytest
 import starfile
 import torch
 
-from deephemnma._io_compat import load_structure
+from deephemnma.config import validate_config
+from deephemnma.nma import run_nma
 from deephemnma.evaluate import (atoms_to_volume, best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
                                  parameter_errors, shift_volume, summarise_errors)
 from deephemnma.geometry import euler_to_matrix, matrix_to_euler, random_rotations
@@ -110,13 +111,10 @@ def test_evaluate_command_with_group_reconstructions(ak_dir, tmp_path, run_cli):
     """Two groups of particles simulated from AK (Cα) displaced along 2 random modes; each group
     reconstructed by `deephemnma reconstruct`; `deephemnma evaluate` compares the maps with the
     maps of the groups' true centroid structures."""
-    atoms = load_structure(ak_dir / "4ake_ca.pdb", atoms="ca")
-    X0 = atoms.coords
+    ms = run_nma(ak_dir / "4ake_ca.pdb", tmp_path / "modes.npz", validate_config({"reference": {"atoms": "ca"}}))
+    X0, V = ms.coords, ms.modes
     N = len(X0)
     rng = np.random.default_rng(3)
-    Q, _ = np.linalg.qr(rng.standard_normal((3 * N, 3)))
-    V = Q.T.reshape(3, N, 3)
-    np.savez(tmp_path / "modes.npz", coords=X0, modes=V, mode_numbers=[7, 8, 9])
     box, pix, sigma, n_per = 32, 2.5, 2.5, 300
     centre = X0.mean(0)
     rows, images = [], []

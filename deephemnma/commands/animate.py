@@ -16,15 +16,14 @@ DESCRIPTION = (
     "without it, ±2 standard deviations. Settings: landscape.animation."
 )
 EXAMPLES = [
-    "deephemnma animate --model landscape.json --reference ref.pdb --modes modes.npz --particles landscape.star "
+    "deephemnma animate --model landscape.json --modes modes.npz --particles landscape.star "
     "--groups groups/groups.csv --outdir animations/",
 ]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="JSON", help="fitted landscape model (PCA)")
-    p.add_argument("--reference", required=True, metavar="PDB", help="reference atomic model (PDB/mmCIF)")
-    p.add_argument("--modes", required=True, metavar="FILE", help="normal modes of the reference (nma stage output)")
+    p.add_argument("--modes", required=True, metavar="FILE", help="normal modes of the reference (nma stage output; holds the atoms)")
     p.add_argument("--particles", metavar="STAR", help="landscape STAR file: axes span the particles' coordinates")
     p.add_argument("--groups", metavar="CSV", help="groups.csv of deephemnma groups: write centroid structures")
     p.add_argument("--outdir", required=True, metavar="DIR", help="output directory")
@@ -40,26 +39,18 @@ def run(args, config: dict) -> int:
 
     from ..star import pc_columns, read_star
 
-    from .._io_compat import load_modes, load_structure
     from ..animate import centroid_structures, write_axis_animations
     from ..errors import InputError
     from ..fileio import require_file
     from ..landscape import PCAModel, load_model
+    from ..nma import load_modes
 
     model = load_model(args.model)
     if not isinstance(model, PCAModel):
         raise InputError(args.model, "animations need a PCA landscape model (a spectral embedding has no inverse map)")
-    ref_coords, modes = load_modes(require_file(args.modes, "modes file"))
-    atoms = load_structure(require_file(args.reference, "reference structure"),
-                           atoms=config["reference"]["atoms"], chains=config["reference"]["chains"])
-    if len(atoms.coords) != len(ref_coords):
-        raise InputError(args.reference, f"{len(atoms.coords)} atoms selected but the modes have {len(ref_coords)}: "
-                         "use the reference and atom selection the modes were computed with")
-    # the frame in which the modes were computed
-    if hasattr(atoms, "with_coords"):
-        atoms = atoms.with_coords(np.asarray(ref_coords, float))
-    else:
-        atoms.coords = np.asarray(ref_coords, float)
+    ms = load_modes(require_file(args.modes, "modes file"))
+    atoms = ms.atoms()  # atoms or pseudoatoms, in the frame the modes were computed in
+    modes = {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
     Y = None
     if args.particles:
         star = read_star(require_file(args.particles, "landscape STAR file"))

@@ -29,7 +29,6 @@ def add_arguments(p) -> None:
     p.add_argument("--truth", required=True, metavar="CSV|STAR", help="ground truth keyed by rlnImageName")
     p.add_argument("--outdir", required=True, metavar="DIR", help="output directory")
     p.add_argument("--modes", metavar="FILE", help="normal modes (nma stage output): RMSD terms and group maps")
-    p.add_argument("--reference", metavar="PDB", help="reference structure (atom weights for simulated maps)")
     p.add_argument("--groups", metavar="DIR", help="output directory of deephemnma groups")
     p.add_argument("--maps", metavar="DIR", help="directory with one reconstruction per group (group_NN/map.mrc)")
 
@@ -46,7 +45,7 @@ def run(args, config: dict) -> int:
     from .. import plots
     from ..star import amplitude_column, amplitude_modes, read_star
     from ..mrc import read_volume
-    from .._io_compat import load_modes
+    from ..nma import load_modes
     from ..animate import mode_stack
     from ..errors import InputError
     from ..evaluate import (align_tables, evaluate_group_maps, load_ground_truth, parameter_errors,
@@ -61,7 +60,8 @@ def run(args, config: dict) -> int:
     modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
     ref = V = None
     if args.modes:
-        ref, mode_dict = load_modes(require_file(args.modes, "modes file"))
+        ms = load_modes(require_file(args.modes, "modes file"))
+        ref, mode_dict = ms.coords, {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
         V = mode_stack(mode_dict, [amplitude_column(m) for m in modes]) if modes else None
     errors = parameter_errors(pred, truth, modes, ref, V)
     summary = summarise_errors(errors)
@@ -91,15 +91,7 @@ def run(args, config: dict) -> int:
             if mpath.is_file():
                 v = read_volume(mpath)
                 maps[g] = (v.data, float(v.voxel_size))
-        weights = None
-        if args.reference:
-            from .._io_compat import load_structure
-
-            atoms = load_structure(require_file(args.reference, "reference structure"),
-                                   atoms=config["reference"]["atoms"], chains=config["reference"]["chains"])
-            weights = getattr(atoms, "weights", None)
-            if weights is not None and len(weights) != len(ref):
-                raise InputError(args.reference, f"{len(weights)} atoms selected but the modes have {len(ref)}")
+        weights = ms.weights  # per-atom density weights of the reference the modes belong to
         table = evaluate_group_maps(centroids, maps, ref, V, weights, config["landscape"]["evaluation"]["atom_sigma"])
         with atomic_path(outdir / "group_fsc.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.6g")
