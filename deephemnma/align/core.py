@@ -1,0 +1,166 @@
+"""One batch of particles through the whole alignment: global search, then coarse-to-fine
+refinement of pose and amplitudes together (see :mod:`deephemnma.align` for the overview).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+import torch
+
+from .. import geometry
+from ..ctf import CTFParams
+from .levels import Level, LevelData, ctf_for_level
+from .model import ElasticModel
+from .refine import refine
+from .search import TemplateBank, amplitude_grid
+
+
+@dataclass
+class AlignSettings:
+    """The ``align`` config section as typed values (see the schema for each key)."""
+
+    modes: list | None = None
+    atom_sigma: float | None = None
+    levels: list = field(default_factory=lambda: [32, 64, 128])
+    iterations: list = field(default_factory=lambda: [40, 25, 15])
+    candidates: list = field(default_factory=lambda: [4, 2, 1])
+    search_box: int = 32
+    angular_step: float = 15.0
+    max_shift: float | None = None
+    search_amplitude_points: int = 3
+    search_amplitude_rmsd: float = 5.0
+    max_amplitude_rmsd: float = 10.0
+    blur_factor: float = 0.5
+    resolution: float | None = None
+    coarse_cell: float = 0.0
+    xtol: float = 0.01
+    ctf: str = "auto"
+    invert_contrast: bool = False
+    batch_size: int = 32
+    min_significance: float | None = 8.0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "AlignSettings":
+        s = dict(config.get("align", {}) if "align" in config else config)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in s.items() if k in known})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BatchResult:
+    euler: np.ndarray        # (B, 3) degrees
+    origins: np.ndarray      # (B, 2) Å
+    amplitudes: np.ndarray   # (B, M)
+    score: np.ndarray        # (B,) final-level similarity
+    converged: np.ndarray    # (B,) bool
+    at_bound: np.ndarray     # (B,) bool
+    significance: np.ndarray  # (B,) final score in standard deviations of chance (pure noise)
+    zscore: np.ndarray       # (B,) search z-score of the best template
+    search_score: np.ndarray  # (B,)
+    iterations: np.ndarray   # (B,) total L-BFGS iterations of the kept candidate at the last level
+    evaluations: int = 0
+
+
+class Aligner:
+    """Aligns batches of images of one box and pixel size against one model."""
+
+    def __init__(self, model: ElasticModel, image_box: int, pixel_size: float, settings: AlignSettings):
+        self.model = model
+        self.settings = s = settings
+        self.D = int(image_box)
+        self.px = float(pixel_size)
+        boxes = sorted({min(int(b), self.D) for b in s.levels})
+        self.levels = [Level.make(b, self.D, self.px, s.blur_factor, s.resolution) for b in boxes]
+        n = len(self.levels)
+        self.iterations = _per_level(s.iterations, n)
+        self.candidates = _per_level(s.candidates, n)
+        self.search_level = Level.make(min(int(s.search_box), self.D), self.D, self.px, s.blur_factor, s.resolution)
+        self.amp_bound = np.full(model.n_modes, s.max_amplitude_rmsd * model.amplitude_scale())
+        extent = self.D * self.px
+        self.max_shift = float(s.max_shift) if s.max_shift is not None else 0.1 * extent
+        # the finest level always uses the full model; coarser ones may lump atoms (coarse_cell)
+        self.models = {lv.box: self._model_for(lv) for lv in self.levels[:-1] + [self.search_level]}
+        self.models[self.levels[-1].box] = model
+        half = min(s.search_amplitude_rmsd, s.max_amplitude_rmsd) * model.amplitude_scale()
+        conf = amplitude_grid(model.n_modes, int(s.search_amplitude_points), half)
+        self._bank = None
+        self._conf = conf
+
+    def _model_for(self, level: Level) -> ElasticModel:
+        cell = self.settings.coarse_cell * level.pixel_size
+        return self.model.coarse(cell) if cell > 0 else self.model
+
+    @property
+    def bank(self) -> TemplateBank:
+        if self._bank is None:
+            self._bank = TemplateBank(self.models[self.search_level.box], self.search_level,
+                                      self.settings.angular_step, self._conf)
+        return self._bank
+
+    def align(self, images: np.ndarray, ctf: CTFParams | None, ctf_mode) -> BatchResult:
+        """Align images (B, D, D) (float32) with their CTF parameters and CTF mode(s)."""
+        s = self.settings
+        B = len(images)
+        img = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        if s.invert_contrast:
+            img = -img
+        F = torch.fft.rfft2(img)
+        # ---- global search
+        lv = self.search_level
+        data = LevelData.build(F, ctf_for_level(ctf, ctf_mode, lv, B), lv)
+        K0 = self.candidates[0]
+        cand = self.bank.search(data, self.max_shift, K0)
+        part = np.concatenate([np.full(int(cand.n[b]), b) for b in range(B)]).astype(np.int64)
+        slot = np.concatenate([np.arange(int(cand.n[b])) for b in range(B)]).astype(np.int64)
+        R = geometry.euler_to_matrix(cand.euler[part, slot])
+        origins = cand.origins[part, slot]
+        amps = cand.amplitudes[part, slot]
+        evaluations = 0
+        shift_bound = self.max_shift + 2 * self.search_level.pixel_size
+        res = None
+        for li, lv in enumerate(self.levels):
+            data = LevelData.build(F, ctf_for_level(ctf, ctf_mode, lv, B), lv)
+            res = refine(self.models[lv.box], data, part, R, origins, amps, self.amp_bound, shift_bound,
+                         max_iter=self.iterations[li], xtol=s.xtol)
+            evaluations += res.evaluations
+            keep = self.candidates[li + 1] if li + 1 < len(self.levels) else 1
+            sel = _best_per_particle(part, res.score, keep)
+            part, R, origins, amps = part[sel], res.rotations[sel], res.origins[sel], res.amplitudes[sel]
+            res_sel = sel
+        assert res is not None
+        # one problem per particle now, in particle order
+        order = np.argsort(part, kind="stable")
+        part, R, origins, amps = part[order], R[order], origins[order], amps[order]
+        final = res_sel[order]
+        bound = np.abs(amps) >= 0.999 * self.amp_bound[None, :]
+        lv = self.levels[-1]
+        with torch.no_grad():
+            P = self.models[lv.box].project(torch.as_tensor(R, dtype=torch.float32),
+                                            torch.as_tensor(origins / lv.pixel_size, dtype=torch.float32),
+                                            torch.as_tensor(amps, dtype=torch.float32), lv.box, lv.pixel_size, lv.blur)
+            sig = data.significance(P, torch.as_tensor(part)).double().numpy()
+        return BatchResult(
+            euler=geometry.matrix_to_euler(R), origins=origins, amplitudes=amps, score=res.score[final],
+            converged=res.converged[final], at_bound=bound.any(1), significance=sig, zscore=cand.zscore,
+            search_score=cand.score[:, 0], iterations=res.iterations[final], evaluations=evaluations)
+
+
+def _per_level(values, n: int) -> list[int]:
+    v = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not v:
+        raise ValueError("empty per-level list")
+    return [int(v[min(i, len(v) - 1)]) for i in range(n)]
+
+
+def _best_per_particle(part: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the ``keep`` best-scoring problems of each particle."""
+    order = np.lexsort((-score, part))
+    ps = part[order]
+    first = np.r_[0, np.flatnonzero(np.diff(ps)) + 1]
+    rank = np.arange(len(ps)) - np.repeat(first, np.diff(np.r_[first, len(ps)]))
+    return np.sort(order[rank < keep])

@@ -1,0 +1,299 @@
+"""Align one chunk of particles: read, align in batches with resumable progress, write the STAR.
+
+Output
+------
+The input STAR (RELION 3.0–5; written back as RELION 3.1+ with its optics table) with every
+input column kept and these columns set (replaced when present):
+
+=================================  ==========================================================
+``rlnAngleRot/Tilt/Psi``           orientation, degrees (RELION ZYZ)
+``rlnOriginXAngst/YAngst``         origin, Å (particle centre = image centre − origin)
+``dhnmaAmplitudeNNN``              amplitude of normal mode NNN, one column per selected mode
+``dhnmaScore``                     final similarity: band-limited normalised cross-correlation
+                                   of model and image at the finest level, in [−1, 1]
+``dhnmaConverged``                 1 if the finest-level refinement converged, else 0
+``dhnmaFlag``                      bit flags (0 = fine), below
+=================================  ==========================================================
+
+Flags: :data:`~deephemnma.star.FLAG_NOT_CONVERGED` (1) the refinement was still moving at
+its iteration limit; :data:`~deephemnma.star.FLAG_OUTLIER` (2) junk: the score is not
+significantly above what pure noise reaches (``significance`` below ``align.min_significance``);
+:data:`~deephemnma.star.FLAG_BAD_IMAGE` (4) empty (constant) or unreadable image, not aligned
+(zero pose and amplitudes, score 0); :data:`FLAG_AT_BOUND` (8) an amplitude reached its bound.
+
+Resume
+------
+Particles are aligned in fixed batches of ``batch_size`` in STAR order. Each finished batch is
+saved atomically as ``<out>.progress/batch_NNNNNN.npz`` beside a ``state.json`` holding a
+fingerprint of everything that determines the results (settings, mode set, particle names,
+CTF, pixel sizes, box, thread count, code version). A rerun with the same fingerprint loads
+the finished batches and aligns only the rest; a different fingerprint discards the progress.
+A batch's results depend only on its own images and the fixed settings, so a resumed run
+writes the same bytes as an uninterrupted one. The STAR is written atomically once all
+batches are done, then the progress directory is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from .. import star as S
+from ..ctf import CTFParams
+from ..errors import ConfigError, InputError
+from ..fileio import atomic_path, atomic_write_json
+from ..logs import get_logger, progress
+from .core import AlignSettings, Aligner, BatchResult
+from .levels import CTF_FLIPPED, CTF_NONE, CTF_PREMULTIPLIED, CTF_RAW
+from .model import ElasticModel, load_model
+
+log = get_logger(__name__)
+
+#: dhnmaFlag bit: an amplitude reached its bound (``align.max_amplitude_rmsd``)
+FLAG_AT_BOUND = getattr(S, "FLAG_AT_BOUND", 8)
+FORMAT_VERSION = 1
+PHASE_FLIPPED_COLUMN = "rlnCtfDataArePhaseFlipped"
+CTF_MODES = ("auto", CTF_RAW, CTF_FLIPPED, CTF_PREMULTIPLIED, CTF_NONE)
+
+
+def progress_dir(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".progress")
+
+
+def _flag_column(table: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    v = pd.to_numeric(table[col], errors="coerce").fillna(0).to_numpy()
+    return v.astype(float) != 0
+
+
+def ctf_setup(star: S.StarData, table: pd.DataFrame, mode: str) -> tuple[CTFParams | None, np.ndarray]:
+    """CTF parameters (or None) and the per-particle CTF handling mode."""
+    if mode not in CTF_MODES:
+        raise ConfigError(f"align.ctf must be one of {', '.join(CTF_MODES)}, got {mode!r}")
+    n = len(table)
+    if mode == CTF_NONE:
+        return None, np.full(n, CTF_NONE, dtype=object)
+    have = all(c in table.columns for c in S.CTF_COLUMNS)
+    if not have:
+        if mode == "auto":
+            log.warning("%s: no CTF columns: aligning without a CTF", star.path)
+            return None, np.full(n, CTF_NONE, dtype=object)
+        S.require_columns(table, S.CTF_COLUMNS, f"align.ctf = {mode}")
+    params = CTFParams.from_table(table, star.path)
+    if mode != "auto":
+        return params, np.full(n, mode, dtype=object)
+    modes = np.full(n, CTF_RAW, dtype=object)
+    modes[_flag_column(table, PHASE_FLIPPED_COLUMN)] = CTF_FLIPPED
+    modes[_flag_column(table, S.CTF_PREMULTIPLIED)] = CTF_PREMULTIPLIED
+    return params, modes
+
+
+def _fingerprint(settings: AlignSettings, model: ElasticModel, table: pd.DataFrame, params, modes, px, box,
+                 threads: int, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": settings.as_dict(), "version": __version__, "format": FORMAT_VERSION,
+                         "threads": int(threads), "seed": int(seed), "box": int(box)}, sort_keys=True,
+                        default=str).encode())
+    for a in (model.coords, model.weights, model.sigma, model.vectors, model.mode_numbers, np.asarray(px, float)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update("\n".join(table[S.IMAGE_NAME].astype(str).tolist()).encode() if S.IMAGE_NAME in table.columns else b"")
+    if params is not None:
+        for v in params.to_columns().values():
+            h.update(np.ascontiguousarray(v).tobytes())
+    h.update("\n".join(map(str, modes)).encode())
+    return h.hexdigest()[:32]
+
+
+def _read_batch(images, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images of ``idx`` and a mask of unreadable ones (NaN/Inf pixels: zeros returned)."""
+    try:
+        return images.read(idx), np.zeros(len(idx), dtype=bool)
+    except InputError:
+        out = np.zeros((len(idx), images.box, images.box), dtype=np.float32)
+        bad = np.zeros(len(idx), dtype=bool)
+        for j, i in enumerate(idx):
+            try:
+                out[j] = images.read([int(i)])[0]
+            except InputError as exc:
+                log.warning("%s", exc)
+                bad[j] = True
+        return out, bad
+
+
+def align_batch(aligner: Aligner, imgs: np.ndarray, unreadable: np.ndarray, params: CTFParams | None,
+                modes: np.ndarray, min_significance: float | None) -> dict:
+    """Align one batch; returns the arrays saved in a batch record."""
+    n = len(imgs)
+    M = aligner.model.n_modes
+    flat = imgs.reshape(n, -1).astype(np.float64)
+    empty = unreadable | ~(flat.std(axis=1) > 1e-8 * (np.abs(flat).max(axis=1) + 1e-30))
+    rec = {
+        "euler": np.zeros((n, 3)), "origins": np.zeros((n, 2)), "amplitudes": np.zeros((n, M)),
+        "score": np.zeros(n), "significance": np.zeros(n), "converged": np.zeros(n, dtype=bool),
+        "flag": np.zeros(n, dtype=np.int64),
+    }
+    rec["flag"][empty] |= S.FLAG_BAD_IMAGE
+    ok = np.flatnonzero(~empty)
+    if ok.size:
+        res: BatchResult = aligner.align(imgs[ok], None if params is None else params[ok], modes[ok])
+        rec["euler"][ok] = res.euler
+        rec["origins"][ok] = res.origins
+        rec["amplitudes"][ok] = res.amplitudes
+        rec["score"][ok] = res.score
+        rec["significance"][ok] = res.significance
+        rec["converged"][ok] = res.converged
+        fl = np.zeros(ok.size, dtype=np.int64)
+        fl[~res.converged] |= S.FLAG_NOT_CONVERGED
+        fl[res.at_bound] |= FLAG_AT_BOUND
+        if min_significance is not None:
+            fl[res.significance < min_significance] |= S.FLAG_OUTLIER
+        rec["flag"][ok] |= fl
+    return rec
+
+
+def align_star(particles, modes_path, out, settings: AlignSettings | None = None, *, data_dir=None,
+               pixel_size: float | None = None, seed: int = 0, threads: int | None = None,
+               stop_after: int | None = None) -> dict:
+    """Align every particle of ``particles`` (STAR) against the mode set ``modes_path`` and
+    write ``out`` (see the module docstring). ``stop_after``: stop after that many new batches
+    without writing the output (for tests of the resume mechanics). Returns a summary."""
+    from ..mrc import ParticleImages
+
+    settings = settings or AlignSettings()
+    t0 = time.perf_counter()
+    out = Path(out)
+    threads = int(threads or torch.get_num_threads())
+    star = S.read_star(particles, pixel_size=pixel_size, data_dir=data_dir)
+    n = len(star)
+    table = S.merged(star)
+    model = load_model(modes_path, select=settings.modes, atom_sigma=settings.atom_sigma)
+    if model.n_atoms == 0:
+        raise InputError(modes_path, "the mode set has no atoms")
+    params, modes = ctf_setup(star, table, settings.ctf)
+    px = S.pixel_sizes(star) if n else np.zeros(0)
+    images = ParticleImages.from_star(star, data_dir) if n else None
+    box = images.box if n else 0
+    if n and box % 2:
+        raise InputError(star.path, f"odd box size {box} is not supported")
+    fp = _fingerprint(settings, model, table, params, modes, px, box, threads, seed)
+    bs = max(1, int(settings.batch_size))
+    batches = [(a, min(n, a + bs)) for a in range(0, n, bs)]
+    pdir = progress_dir(out)
+    done = _load_progress(pdir, fp, len(batches))
+    if done:
+        log.info("resuming %s: %d of %d batches already done", out, len(done), len(batches))
+    aligners: dict[float, Aligner] = {}
+    new = 0
+    todo = [b for b in range(len(batches)) if b not in done]
+    bar = progress(total=sum(batches[b][1] - batches[b][0] for b in todo), desc="align", unit="particle")
+    for b in todo:
+        if stop_after is not None and new >= stop_after:
+            bar.close()
+            return {"complete": False, "batches_done": len(done), "batches": len(batches)}
+        a, z = batches[b]
+        idx = np.arange(a, z)
+        imgs, unreadable = _read_batch(images, idx)
+        parts = []
+        for p in np.unique(px[idx]):
+            sel = np.flatnonzero(px[idx] == p)
+            if float(p) not in aligners:
+                aligners[float(p)] = Aligner(model, box, float(p), settings)
+            r = align_batch(aligners[float(p)], imgs[sel], unreadable[sel],
+                            None if params is None else params[idx[sel]], modes[idx[sel]], settings.min_significance)
+            parts.append((sel, r))
+        rec = {k: np.zeros((len(idx),) + v.shape[1:], dtype=v.dtype) for k, v in parts[0][1].items()}
+        for sel, r in parts:
+            for k, v in r.items():
+                rec[k][sel] = v
+        _save_batch(pdir, fp, b, rec, len(batches))
+        done[b] = rec
+        new += 1
+        bar.update(len(idx))
+    bar.close()
+    result = _assemble(star, model, done, batches)
+    with atomic_path(out) as tmp:
+        S.write_star(tmp, result, star.optics)
+    shutil.rmtree(pdir, ignore_errors=True)
+    flags = result[S.FLAG].to_numpy() if n else np.zeros(0, dtype=np.int64)
+    summary = {
+        "particles": n, "batches": len(batches), "resumed_batches": len(batches) - new,
+        "seconds": time.perf_counter() - t0, "threads": threads,
+        "modes": [int(m) for m in model.mode_numbers],
+        "ctf_modes": {str(k): int(v) for k, v in zip(*np.unique(modes.astype(str), return_counts=True))} if n else {},
+        "flagged": {name: int(((flags & bit) != 0).sum()) for name, bit in
+                    (("not_converged", S.FLAG_NOT_CONVERGED), ("outlier", S.FLAG_OUTLIER),
+                     ("bad_image", S.FLAG_BAD_IMAGE), ("at_bound", FLAG_AT_BOUND))},
+        "mean_score": float(result[S.SCORE].mean()) if n else None,
+    }
+    log.info("aligned %d particles in %.1f s (%d batches, %d resumed); flags: %s", n, summary["seconds"],
+             len(batches), summary["resumed_batches"], summary["flagged"])
+    return summary
+
+
+def _assemble(star: S.StarData, model: ElasticModel, done: dict, batches: list) -> pd.DataFrame:
+    p = star.particles.copy()
+    n = len(p)
+    M = model.n_modes
+    cat = {k: (np.concatenate([done[b][k] for b in range(len(batches))]) if batches else None)
+           for k in ("euler", "origins", "amplitudes", "score", "converged", "flag")}
+    if not batches:
+        cat = {"euler": np.zeros((0, 3)), "origins": np.zeros((0, 2)), "amplitudes": np.zeros((0, M)),
+               "score": np.zeros(0), "converged": np.zeros(0, dtype=bool), "flag": np.zeros(0, dtype=np.int64)}
+    cols = {
+        S.ANGLE_ROT: cat["euler"][:, 0], S.ANGLE_TILT: cat["euler"][:, 1], S.ANGLE_PSI: cat["euler"][:, 2],
+        S.ORIGIN_X_ANGST: cat["origins"][:, 0], S.ORIGIN_Y_ANGST: cat["origins"][:, 1],
+    }
+    for k, m in enumerate(model.mode_numbers):
+        cols[S.amplitude_column(int(m))] = cat["amplitudes"][:, k]
+    cols[S.SCORE] = cat["score"].astype(np.float64)
+    cols[S.CONVERGED] = cat["converged"].astype(np.int64)
+    cols[S.FLAG] = cat["flag"].astype(np.int64)
+    for c, v in cols.items():
+        p[c] = np.asarray(v).reshape(n)
+    return p
+
+
+# ------------------------------------------------------------------------- progress files
+def _load_progress(pdir: Path, fp: str, n_batches: int) -> dict:
+    state = pdir / "state.json"
+    if not state.is_file():
+        return {}
+    try:
+        st = json.loads(state.read_text())
+    except (OSError, ValueError):
+        st = {}
+    if st.get("fingerprint") != fp or st.get("batches") != n_batches:
+        log.info("%s: progress from different inputs or settings: starting over", pdir)
+        shutil.rmtree(pdir, ignore_errors=True)
+        return {}
+    done = {}
+    for b in range(n_batches):
+        f = pdir / f"batch_{b:06d}.npz"
+        if f.is_file():
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    if str(z["fingerprint"]) != fp:
+                        continue
+                    done[b] = {k: z[k] for k in z.files if k != "fingerprint"}
+            except (OSError, ValueError, KeyError):
+                continue
+    return done
+
+
+def _save_batch(pdir: Path, fp: str, b: int, rec: dict, n_batches: int) -> None:
+    pdir.mkdir(parents=True, exist_ok=True)
+    state = pdir / "state.json"
+    if not state.is_file():
+        atomic_write_json(state, {"fingerprint": fp, "batches": n_batches, "format_version": FORMAT_VERSION})
+    with atomic_path(pdir / f"batch_{b:06d}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, fingerprint=np.asarray(fp), **rec)
