@@ -39,7 +39,7 @@ class AlignSettings:
     ctf: str = "auto"
     invert_contrast: bool = False
     batch_size: int = 32
-    min_significance: float | None = 8.0
+    min_significance: float | None = 10.0
 
     @classmethod
     def from_config(cls, config: dict) -> "AlignSettings":

@@ -1,23 +1,23 @@
-"""Stand-in test data for the alignment: a small reference with normal modes, and particle
+"""Small test data for the alignment: a toy reference with real normal modes, and particle
 images simulated through a *voxel volume* (not through the alignment's analytic projector).
 
-* :func:`toy_reference` — a compact random chain of atoms (two lobes joined by a hinge, so
-  that the low modes are domain motions) and its lowest non-rigid anisotropic-network-model
-  modes (springs between atoms closer than ``cutoff``), numbered from 7 and of unit norm over
-  3N, as ``deephemnma nma`` writes them.
-* :func:`anm_modes` — the ANM modes of any coordinates.
+* :func:`toy_atoms` — a compact random Cα-like chain (two lobes, so that the low modes are
+  domain motions) as :class:`deephemnma.structure.Atoms`.
+* :func:`toy_modes` — writes it as a PDB file and runs the project's normal-mode analysis
+  on it (:func:`deephemnma.nma.run_nma`, Cα network): a mode file exactly like
+  ``deephemnma nma`` writes.
 * :func:`simulate_images` — per particle: deform, rasterise the atoms as voxel integrals of
-  narrow 3-D Gaussians into a D³ volume, project it by the Fourier-slice theorem
+  *narrower* 3-D Gaussians into a D³ volume, project it by the Fourier-slice theorem
   (:class:`deephemnma.projection.FourierSliceProjector`) at the particle's orientation and
   origin, apply the CTF, add white noise before and after it at a target SNR, optionally
-  phase flip. The alignment model (wider Gaussians, analytic projection) therefore does not
-  match the data exactly, as with real data.
-* :func:`write_dataset` — the images as an MRC stack, a particles STAR (RELION 3.1, CTF
-  columns, optics with ``rlnCtfDataArePhaseFlipped``) and a ground-truth STAR with the pose
-  and amplitude columns the alignment writes.
+  phase flip, normalise the background. The alignment's model (wider Gaussians, analytic
+  projection) therefore does not match the data exactly, as with real data.
+* :func:`write_dataset` — an MRC stack, a particles STAR (RELION 3.1, CTF columns, optics
+  with ``rlnCtfDataArePhaseFlipped``) and a ground-truth STAR with the pose and amplitude
+  columns the alignment writes.
 
-The benchmark uses ``deephemnma simulate`` (the paper's recipe) when available; this module
-keeps the tests independent of it.
+The benchmark uses ``deephemnma simulate`` (the paper's recipe); this module keeps the tests
+small and independent of it.
 """
 from __future__ import annotations
 
@@ -27,97 +27,69 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import erf
 
 from .. import geometry
 from ..ctf import CTFParams, compute_ctf
 from ..projection import FourierSliceProjector
+from .model import ElasticModel
 
 
-def anm_modes(coords: np.ndarray, n_modes: int, cutoff: float = 10.0, gamma: float = 1.0) -> np.ndarray:
-    """Lowest ``n_modes`` non-rigid ANM modes (n_modes, N, 3), unit norm over 3N, sign fixed
-    so that the largest component is positive."""
-    x = np.asarray(coords, dtype=np.float64)
-    n = len(x)
-    d = x[:, None, :] - x[None, :, :]
-    r2 = (d ** 2).sum(-1)
-    contact = (r2 < cutoff ** 2) & (r2 > 0)
-    H = np.zeros((n, n, 3, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        blk = -gamma * d[..., :, None] * d[..., None, :] / np.where(contact, r2, 1.0)[..., None, None]
-    blk[~contact] = 0
-    H += blk
-    H[np.arange(n), np.arange(n)] = -blk.sum(1)
-    H = H.transpose(0, 2, 1, 3).reshape(3 * n, 3 * n)
-    vals, vecs = np.linalg.eigh(H)
-    v = vecs[:, 6: 6 + n_modes].T.reshape(n_modes, n, 3)
-    v /= np.linalg.norm(v.reshape(n_modes, -1), axis=1)[:, None, None]
-    for k in range(n_modes):
-        flat = v[k].reshape(-1)
-        if flat[np.argmax(np.abs(flat))] < 0:
-            v[k] = -v[k]
-    return v
+def toy_atoms(n_atoms: int = 300, seed: int = 0, spacing: float = 3.8):
+    """A two-lobed random chain of ``n_atoms`` Cα atoms (``spacing`` Å between neighbours)."""
+    from ..structure import Atoms
 
-
-def toy_reference(n_atoms: int = 300, n_modes: int = 3, seed: int = 0, spacing: float = 3.8,
-                  cutoff: float = 10.0) -> dict:
-    """A two-lobed random chain of ``n_atoms`` (a Cα-like trace, ``spacing`` Å between
-    neighbours) and its ANM modes 7… as a mode-set mapping (coords, weights, sigma, elements,
-    mode_numbers, vectors)."""
     rng = np.random.default_rng(seed)
-    pts = []
+    pts: list[np.ndarray] = []
     half = n_atoms // 2
     for lobe, centre in ((0, np.array([-9.0, 0.0, 0.0])), (1, np.array([9.0, 2.0, 0.0]))):
         m = half if lobe == 0 else n_atoms - half
         p = centre + rng.normal(scale=1.0, size=3)
         radius = spacing * (m ** (1 / 3)) * 0.75
         for _ in range(m):
+            q = p
             for _try in range(100):
                 step = rng.normal(size=3)
-                step *= spacing / np.linalg.norm(step)
-                q = p + step
-                if np.linalg.norm(q - centre) < radius and (not pts or np.min(np.linalg.norm(np.asarray(pts) - q, axis=1)) > 0.7 * spacing):
+                q = p + step * spacing / np.linalg.norm(step)
+                if np.linalg.norm(q - centre) < radius and \
+                        (not pts or np.min(np.linalg.norm(np.asarray(pts) - q, axis=1)) > 0.7 * spacing):
                     break
             pts.append(q)
             p = q
     x = np.asarray(pts)
-    x -= x.mean(0)
-    vec = anm_modes(x, n_modes, cutoff=cutoff)
-    return {
-        "coords": x, "weights": np.full(n_atoms, 6.0), "sigma": np.full(n_atoms, 1.0),
-        "elements": np.array(["C"] * n_atoms), "mode_numbers": np.arange(7, 7 + n_modes), "vectors": vec,
-    }
+    n = len(x)
+    return Atoms(coords=x - x.mean(0), element=["C"] * n, atom_name=["CA"] * n, res_name=["ALA"] * n,
+                 res_seq=np.arange(1, n + 1), ins_code=[""] * n, chain_id=["A"] * n, weights=np.full(n, 6.0))
 
 
-def rasterise(coords: np.ndarray, weights: np.ndarray, sigma: float, box: int, pixel_size: float) -> np.ndarray:
-    """Voxel integrals (box³, [z, y, x]) of 3-D Gaussians of width ``sigma`` Å centred at
-    ``coords`` (Å relative to the voxel box//2)."""
-    edges = (np.arange(box + 1) - box // 2 - 0.5) * pixel_size  # voxel boundaries in Å
+def toy_modes(out, n_atoms: int = 300, seed: int = 0, n_modes: int = 6, select=(7, 8, 9)) -> Path:
+    """Write ``out`` (a mode file) for :func:`toy_atoms` with the project's NMA (Cα network,
+    cutoff 12 Å, ``n_modes`` non-rigid modes computed, ``select`` selected); the PDB goes
+    beside it."""
+    from ..nma import run_nma
+    from ..structure import write_structure
 
-    def profile(c):  # (N, box) integral over each voxel of a 1-D unit Gaussian
-        z = (edges[None, :] - c[:, None]) / (sigma * math.sqrt(2))
-        return 0.5 * np.diff(erf(z), axis=1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pdb = out.with_suffix(".pdb")
+    write_structure(pdb, toy_atoms(n_atoms, seed))
+    cfg = {"reference": {"atoms": "ca"}, "nma": {"cutoff": 12.0, "n_modes": 6 + n_modes, "modes": list(select)}}
+    run_nma(pdb, out, cfg, summary=out.with_suffix(".json"))
+    return out
 
-    gx, gy, gz = profile(coords[:, 0]), profile(coords[:, 1]), profile(coords[:, 2])
-    w = np.asarray(weights, dtype=np.float64)
-    yx = np.einsum("ny,nx->nyx", gy * w[:, None], gx).reshape(len(coords), -1)
-    return (gz.T @ yx).reshape(box, box, box) / pixel_size ** 3
 
-
-def simulate_images(reference: dict, n: int, box: int, pixel_size: float, *, seed: int = 0,
+def simulate_images(model: ElasticModel, n: int, box: int, pixel_size: float, *, seed: int = 0,
                     amplitudes: np.ndarray | None = None, amplitude_std: float = 60.0,
                     shift_range: float = 2.0, defocus: float = 5000.0, voltage: float = 200.0, cs: float = 2.0,
                     amp_contrast: float = 0.1, ctf: bool = True, snr: float | None = 0.1,
                     noise_before_ctf: float = 0.5, phase_flip: bool = True, atom_sigma: float = 0.5,
                     oversample: int = 2) -> tuple[np.ndarray, pd.DataFrame]:
     """Images (n, box, box) float32 and their ground truth (Euler °, origins Å, amplitudes,
-    defocus) — see the module docstring. ``shift_range`` in pixels (uniform per axis)."""
+    defocus) — see the module docstring. ``shift_range`` in pixels (uniform per axis); the
+    atoms are drawn as Gaussians of width ``atom_sigma`` Å whatever the model's widths. With
+    ``snr`` None no noise is added (and the background is not normalised)."""
     rng = np.random.default_rng(seed)
-    x0 = np.asarray(reference["coords"], dtype=np.float64)
-    x0 = x0 - x0.mean(0)
-    V = np.asarray(reference["vectors"], dtype=np.float64)
-    w = np.asarray(reference["weights"], dtype=np.float64)
-    M = len(V)
+    x0, V, w = model.coords, model.vectors, model.weights
+    M = model.n_modes
     rot = geometry.random_rotations(n, rng)
     euler = geometry.matrix_to_euler(rot)
     origins = rng.uniform(-shift_range, shift_range, size=(n, 2)) * pixel_size
@@ -126,8 +98,7 @@ def simulate_images(reference: dict, n: int, box: int, pixel_size: float, *, see
     amplitudes = np.asarray(amplitudes, dtype=np.float64).reshape(n, M)
     imgs = np.empty((n, box, box), dtype=np.float32)
     for i in range(n):
-        X = x0 + np.einsum("m,mnj->nj", amplitudes[i], V)
-        vol = rasterise(X, w, atom_sigma, box, pixel_size)
+        vol = ElasticModel(x0, w, atom_sigma, model.mode_numbers, V).volume(amplitudes[i][None], box, pixel_size)
         proj = FourierSliceProjector(vol, oversample=oversample)
         imgs[i] = proj.project(torch.as_tensor(rot[i:i + 1], dtype=torch.float32),
                                torch.as_tensor(origins[i:i + 1] / pixel_size))[0].numpy()
@@ -158,11 +129,12 @@ def simulate_images(reference: dict, n: int, box: int, pixel_size: float, *, see
         out = signal + pre + n2 * math.sqrt((1 - noise_before_ctf) * total)
     if ctf and phase_flip:
         out = torch.fft.irfft2(torch.fft.rfft2(out) * torch.sign(c), s=(box, box))
-    # normalise the background (outside 0.9 of the half box) to mean 0, std 1, as preprocess does
-    bg = ~_disc(box, 0.9 * box / 2)
-    mu = out[:, bg].mean(1)[:, None, None]
-    sd = out[:, bg].std(1)[:, None, None].clamp_min(1e-12)
-    out = ((out - mu) / sd).to(torch.float32).numpy()
+    if snr is not None:  # background (outside 0.9 of the half box) to mean 0, std 1, as preprocess does
+        bg = ~_disc(box, 0.9 * box / 2)
+        mu = out[:, bg].mean(1)[:, None, None]
+        sd = out[:, bg].std(1)[:, None, None].clamp_min(1e-12)
+        out = (out - mu) / sd
+    out = out.to(torch.float32).numpy()
     truth = pd.DataFrame({
         "rlnAngleRot": euler[:, 0], "rlnAngleTilt": euler[:, 1], "rlnAnglePsi": euler[:, 2],
         "rlnOriginXAngst": origins[:, 0], "rlnOriginYAngst": origins[:, 1],
@@ -170,7 +142,7 @@ def simulate_images(reference: dict, n: int, box: int, pixel_size: float, *, see
     })
     from ..star import amplitude_column
 
-    for k, m in enumerate(np.asarray(reference["mode_numbers"]).reshape(-1)):
+    for k, m in enumerate(model.mode_numbers):
         truth[amplitude_column(int(m))] = amplitudes[:, k]
     return out, truth
 
