@@ -31,6 +31,7 @@ class AlignSettings:
     max_shift: float | None = None
     search_amplitude_points: int = 3
     search_amplitude_rmsd: float = 5.0
+    search_amplitude_modes: int = 3
     max_amplitude_rmsd: float = 10.0
     blur_factor: float = 0.5
     resolution: float | None = None
@@ -87,7 +88,13 @@ class Aligner:
         self.models = {lv.box: self._model_for(lv) for lv in self.levels[:-1] + [self.search_level]}
         self.models[self.levels[-1].box] = model
         half = min(s.search_amplitude_rmsd, s.max_amplitude_rmsd) * model.amplitude_scale()
-        conf = amplitude_grid(model.n_modes, int(s.search_amplitude_points), half)
+        # the grid spans the first search_amplitude_modes modes (the lowest: the largest motions);
+        # the others start at zero (a full grid over 6 modes would be 3⁶ = 729 conformations)
+        k = max(0, min(model.n_modes, int(s.search_amplitude_modes)))
+        conf = np.zeros((1, model.n_modes))
+        if k:
+            sub = amplitude_grid(k, int(s.search_amplitude_points), half)
+            conf = np.concatenate([sub, np.zeros((len(sub), model.n_modes - k))], 1)
         self._bank = None
         self._conf = conf
 
