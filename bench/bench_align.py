@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -138,7 +139,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="particles per data set (default 512)")
     ap.add_argument("--snr", type=float, nargs="+", default=[0.05, 0.1, 0.3])
     ap.add_argument("--speed-n", type=int, default=64, help="particles timed per schedule (default 64)")
-    ap.add_argument("--work", default=str(REPO / "bench" / "work_align"), help="work directory (kept; reused)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "deephemnma_bench_align"),
+                    help="work directory for the data (kept and reused by later runs; default in the temp dir)")
     ap.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="4AKE PDB file")
     ap.add_argument("--deephemnma", default=f"{shlex.quote(sys.executable)} -m deephemnma",
                     help="how to run deephemnma commands (default: this interpreter)")

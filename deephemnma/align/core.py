@@ -14,7 +14,11 @@ from ..ctf import CTFParams
 from .levels import Level, LevelData, ctf_for_level
 from .model import ElasticModel
 from .refine import refine
-from .search import TemplateBank, amplitude_grid
+from ..errors import ConfigError
+from .search import TemplateBank, amplitude_grid, orientation_grid
+
+#: largest template bank (GB) the search may build
+MAX_BANK_GB = 4.0
 
 
 @dataclass
@@ -97,6 +101,13 @@ class Aligner:
             conf = np.concatenate([sub, np.zeros((len(sub), model.n_modes - k))], 1)
         self._bank = None
         self._conf = conf
+        # the bank holds 3 floats per in-band coefficient per template (≈ 0.39·d² coefficients)
+        n_templates = len(conf) * len(orientation_grid(s.angular_step))
+        gb = n_templates * 3 * 0.4 * self.search_level.box ** 2 * 4 / 1e9
+        if gb > MAX_BANK_GB:
+            raise ConfigError(f"align: the search's template bank would hold {n_templates:,} templates "
+                              f"(~{gb:.1f} GB): use fewer align.search_amplitude_points / search_amplitude_modes, "
+                              f"a larger align.angular_step or a smaller align.search_box")
 
     def _model_for(self, level: Level) -> ElasticModel:
         cell = self.settings.coarse_cell * level.pixel_size
