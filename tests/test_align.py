@@ -191,4 +191,8 @@ def test_bad_inputs_are_one_line_errors(run_cli, modes_file, small_set, tmp_path
     proc = run_cli("align", "--particles", star, "--modes", modes_file, "--out", tmp_path / "x.star",
                    "--set", "align.modes=[7,99]")
     assert proc.returncode == 2 and "mode 99" in proc.stderr
-    assert not (tmp_path / "x.star").exists()
+    lonely = tmp_path / "lonely.star"                                   # its image stack is elsewhere
+    shutil.copy(star, lonely)
+    proc = run_cli("align", "--particles", lonely, "--modes", modes_file, "--out", tmp_path / "x.star")
+    assert proc.returncode == 2 and "particles.mrcs" in proc.stderr
+    assert not (tmp_path / "x.star").exists() and not progress_dir(tmp_path / "x.star").exists()

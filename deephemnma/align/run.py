@@ -113,20 +113,29 @@ def _fingerprint(settings: AlignSettings, model: ElasticModel, table: pd.DataFra
     return h.hexdigest()[:32]
 
 
+def _is_nan_error(exc: InputError) -> bool:
+    return "NaN or Inf" in str(exc)
+
+
 def _read_batch(images, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images of ``idx`` and a mask of unreadable ones (NaN/Inf pixels: zeros returned)."""
+    """Images of ``idx`` and a mask of unusable ones: images with NaN/Inf pixels are
+    returned as zeros and flagged (other read errors, e.g. a missing stack, are raised)."""
     try:
         return images.read(idx), np.zeros(len(idx), dtype=bool)
-    except InputError:
-        out = np.zeros((len(idx), images.box, images.box), dtype=np.float32)
-        bad = np.zeros(len(idx), dtype=bool)
-        for j, i in enumerate(idx):
-            try:
-                out[j] = images.read([int(i)])[0]
-            except InputError as exc:
-                log.warning("%s", exc)
-                bad[j] = True
-        return out, bad
+    except InputError as exc:
+        if not _is_nan_error(exc):
+            raise
+    out = np.zeros((len(idx), images.box, images.box), dtype=np.float32)
+    bad = np.zeros(len(idx), dtype=bool)
+    for j, i in enumerate(idx):
+        try:
+            out[j] = images.read([int(i)])[0]
+        except InputError as exc:
+            if not _is_nan_error(exc):
+                raise
+            log.warning("%s: not aligned", exc)
+            bad[j] = True
+    return out, bad
 
 
 def align_batch(aligner: Aligner, imgs: np.ndarray, unreadable: np.ndarray, params: CTFParams | None,
@@ -181,6 +190,8 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
     params, modes = ctf_setup(star, table, settings.ctf)
     px = S.pixel_sizes(star) if n else np.zeros(0)
     images = ParticleImages.from_star(star, data_dir) if n else None
+    if images is not None:
+        images.validate()  # every stack exists and is consistent before any work
     box = images.box if n else 0
     if n and box % 2:
         raise InputError(star.path, f"odd box size {box} is not supported")
