@@ -224,15 +224,23 @@ class DDPEngine(Engine):
             self.dist.destroy_process_group()
 
 
-def _slurm_first_host() -> str:
+def _slurm_hostnames() -> list[str]:
+    """The job's node names in order (``scontrol show hostnames``; this node if unavailable)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return nodes.split(",")[0].split("[")[0] or "localhost"
+    if nodes:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        if "[" not in nodes:
+            return nodes.split(",")
+    return [os.environ.get("SLURMD_NODENAME") or os.uname().nodename]
+
+
+def _slurm_first_host() -> str:
+    return _slurm_hostnames()[0]
 
 
 def _ddp_env_from_slurm() -> None:
@@ -280,7 +288,12 @@ class HorovodEngine(Engine):
 
     def broadcast_state(self, model, optimizer) -> None:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # A fresh optimiser has no state, and hvd.broadcast_optimizer_state would create it by
+        # taking one step with zero gradients — which moves the weights (weight decay) and
+        # advances Adam's step count. Every rank built the same fresh optimiser, so only a
+        # resumed (non-empty) state is broadcast.
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def optimizer_step(self, optimizer, scaler=None, clip_grad: float = 0.0, parameters=None) -> None:
         if scaler is None and clip_grad <= 0:
@@ -335,10 +348,8 @@ def _horovod_gloo_bootstrap_from_slurm(hvd) -> None:
     rank = int(env["SLURM_PROCID"])
     local_rank = int(env.get("SLURM_LOCALID", "0"))
     host = env.get("SLURMD_NODENAME") or os.uname().nodename
-    # Hosts and slots: gather them without a communicator from SLURM's task layout.
-    nodes_out = subprocess.run(["scontrol", "show", "hostnames", env.get("SLURM_JOB_NODELIST", host)],
-                               capture_output=True, text=True)
-    nodes = nodes_out.stdout.split() if nodes_out.returncode == 0 and nodes_out.stdout.strip() else [host]
+    # Hosts and slots, without a communicator: from SLURM's task layout.
+    nodes = _slurm_hostnames()
     per_node = _expand_tasks_per_node(env.get("SLURM_TASKS_PER_NODE", str(ntasks)), len(nodes))
     addr = env.get("MASTER_ADDR") or nodes[0]
     port = int(env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", 29400 + int(env.get("SLURM_JOB_ID", "0")) % 1000))

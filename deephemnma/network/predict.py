@@ -145,7 +145,7 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
                  data_dir=None, batch_size: int = 256, num_workers: int | None = None, device: str = "auto",
                  amp: bool | None = None) -> dict:
     """Predict the particles of one STAR file and write ``out`` (atomic). Returns timing figures."""
-    from ..star import pixel_sizes, read_star, write_star
+    from ..star import write_star
     from .data import load_particles
 
     state = load_checkpoint(checkpoint)

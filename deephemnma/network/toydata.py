@@ -42,12 +42,14 @@ def toy_molecule(n_atoms: int = 24, radius: float = 30.0, n_modes: int = 3, seed
 def make_toy_particles(out_dir: str | Path, n: int = 512, box: int = 64, pixel_size: float = 2.0,
                        snr: float = 1.0, amplitude_scale: float = 60.0, max_shift_px: float = 3.0,
                        n_modes: int = 3, seed: int = 0, name: str = "particles",
-                       stack_size: int | None = None) -> Path:
+                       stack_size: int | None = None, max_angle_deg: float | None = None) -> Path:
     """Write ``out_dir/name.star`` (+ ``name_NNN.mrcs`` stacks) with ``n`` labelled particles.
 
     Amplitudes follow the paper's helix for the first three modes (q7 = −s·r, q8 = s·sin πr,
     q9 = s·cos πr, r ~ U(0, 1), s = ``amplitude_scale``), then uniform in ±s. SNR is the
-    variance of the noise-free images over the noise variance. Returns the STAR path.
+    variance of the noise-free images over the noise variance. Orientations are uniform on
+    SO(3), or with ``max_angle_deg`` within that angle of the identity (uniform axis, uniform
+    angle): an easier problem for quick learning checks. Returns the STAR path.
     """
     import mrcfile
     import starfile
@@ -61,7 +63,13 @@ def make_toy_particles(out_dir: str | Path, n: int = 512, box: int = 64, pixel_s
     helix = [-amplitude_scale * r, amplitude_scale * np.sin(np.pi * r), amplitude_scale * np.cos(np.pi * r)]
     for k in range(min(3, n_modes)):
         amp[:, k] = helix[k]
-    angles = geometry.random_euler(n, rng)
+    if max_angle_deg is None:
+        angles = geometry.random_euler(n, rng)
+    else:
+        axis = rng.normal(size=(n, 3))
+        axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+        half = np.deg2rad(rng.uniform(0, max_angle_deg, n)) / 2
+        angles = geometry.quaternion_to_euler(np.concatenate([np.cos(half)[:, None], np.sin(half)[:, None] * axis], 1))
     shifts_px = rng.uniform(-max_shift_px, max_shift_px, (n, 2))
     deformed = coords[None] + np.einsum("nk,kaj->naj", amp, modes)
     A = geometry.euler_to_matrix(angles)

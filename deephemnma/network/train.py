@@ -452,9 +452,10 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
                     loss = sum(weights[h] * v for h, v in hl.items())
                     scaled = loss / s.accumulate
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += [float(loss), float(hl.get("amplitudes", 0.0)), float(hl["quaternion"]), float(hl["shifts"])]
+                step_loss += [float(loss.detach()), float(hl["amplitudes"].detach()) if "amplitudes" in hl else 0.0,
+                              float(hl["quaternion"].detach()), float(hl["shifts"].detach())]
             engine.optimizer_step(optimizer, scaler, s.clip_grad, params)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             global_step += 1
             sums += np.concatenate([[1], step_loss / s.accumulate])
             if not np.isfinite(step_loss[0]):
