@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 HEADS = ("amplitudes", "quaternion", "shifts")
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
+MODES = ("joint", "shared", "separate")
 
 
 @dataclass
@@ -48,8 +49,8 @@ class ModelConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.mode not in ("joint", "separate"):
-            raise ValueError(f"mode must be 'joint' or 'separate', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.n_amplitudes < 0:
             raise ValueError("n_amplitudes must be >= 0")
 
@@ -83,27 +84,48 @@ def build_backbone(arch: str, in_channels: int = 1) -> tuple[nn.Module, int]:
     return net, n_features
 
 
+def build_mlp(n_in: int, hidden, dropout: float, n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    n = n_in
+    for h in hidden:
+        layers += [nn.Linear(n, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        n = h
+    layers.append(nn.Linear(n, n_out))
+    return nn.Sequential(*layers)
+
+
 class Branch(nn.Module):
     """ResNet features → MLP → ``n_out`` linear outputs."""
 
     def __init__(self, cfg: ModelConfig, n_out: int):
         super().__init__()
         self.features, n = build_backbone(cfg.arch, cfg.in_channels)
-        layers: list[nn.Module] = []
-        for h in cfg.hidden:
-            layers += [nn.Linear(n, h), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
-            n = h
-        layers.append(nn.Linear(n, n_out))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = build_mlp(n, cfg.hidden, cfg.dropout, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.features(x))
 
 
-class DeepHEMNMANet(nn.Module):
-    """``forward(images (B, 1, D, D)) -> {"amplitudes": (B, M), "quaternion": (B, 4), "shifts": (B, 2)}``.
+class SharedBranch(nn.Module):
+    """One ResNet, one MLP per head: ``forward -> {head: outputs}``."""
 
-    The quaternion is unit length (w sign arbitrary); amplitudes and shifts are standardised.
+    def __init__(self, cfg: ModelConfig, sizes: dict[str, int]):
+        super().__init__()
+        self.features, n = build_backbone(cfg.arch, cfg.in_channels)
+        self.mlps = nn.ModuleDict({k: build_mlp(n, cfg.hidden, cfg.dropout, m) for k, m in sizes.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        return {k: mlp(f) for k, mlp in self.mlps.items()}
+
+
+class DeepHEMNMANet(nn.Module):
+    """``forward(images (B, 1, D, D)) -> {"amplitudes": (B, M), "quaternion": (B, 4), "shifts": (B, 2),
+    "quaternion_raw": (B, 4)}``.
+
+    ``quaternion`` is unit length (w sign arbitrary), ``quaternion_raw`` the same output before
+    normalisation (what the L1 loss sees: its gradient is not damped by the normalisation);
+    amplitudes and shifts are standardised.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -112,6 +134,8 @@ class DeepHEMNMANet(nn.Module):
         self.sizes = cfg.head_sizes()
         if cfg.mode == "joint":
             self.branches = nn.ModuleDict({"joint": Branch(cfg, sum(self.sizes.values()))})
+        elif cfg.mode == "shared":
+            self.branches = nn.ModuleDict({"shared": SharedBranch(cfg, self.sizes)})
         else:
             self.branches = nn.ModuleDict({k: Branch(cfg, n) for k, n in self.sizes.items()})
 
@@ -122,9 +146,12 @@ class DeepHEMNMANet(nn.Module):
             for k, n in self.sizes.items():
                 out[k] = y[:, o:o + n]
                 o += n
+        elif self.cfg.mode == "shared":
+            out = self.branches["shared"](x)
         else:
             out = {k: b(x) for k, b in self.branches.items()}
         q = out["quaternion"].float()
+        out["quaternion_raw"] = q
         out["quaternion"] = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return out
 

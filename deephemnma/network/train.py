@@ -131,7 +131,7 @@ class TrainSettings:
 
     def validate(self) -> None:
         checks = [
-            (self.mode in ("joint", "separate"), "mode must be joint or separate"),
+            (self.mode in ("joint", "shared", "separate"), "mode must be joint, shared or separate"),
             (self.optimizer in ("adam", "adamw"), "optimizer must be adam or adamw"),
             (self.schedule in ("step", "cosine", "constant"), "schedule must be step, cosine or constant"),
             (self.scale_lr in ("linear", "none"), "scale_lr must be linear or none"),
@@ -309,7 +309,7 @@ def evaluate(model, loader, codec: TargetCodec, raw: dict, s: TrainSettings, eng
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with ctx:
             pred = model(x)
-        hl = head_losses(pred, tgt, s.quaternion_loss)
+        hl = head_losses(pred, tgt, s.quaternion_loss, codec.loss_scales(s.quaternion_loss))
         n = len(x)
         idx = batch["index"].numpy()
         dec = codec.decode({k: v.float().cpu().numpy() for k, v in pred.items()})
@@ -448,7 +448,7 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
                     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
                     with ctx:
                         pred = wrapped(x)
-                    hl = head_losses(pred, tgt, s.quaternion_loss)
+                    hl = head_losses(pred, tgt, s.quaternion_loss, codec.loss_scales(s.quaternion_loss))
                     loss = sum(weights[h] * v for h, v in hl.items())
                     scaled = loss / s.accumulate
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
