@@ -240,6 +240,7 @@ def _worker_init(images, settings: PreprocessSettings, out_box: int, optics: pd.
 def _process_chunk(task: dict) -> dict:
     from .ctf import CTFParams, compute_ctf
     from .mrc import StackWriter
+    from .simulate import stable_stack_label
     from .star import IMAGE_NAME, write_star
 
     images = _WORKER["images"]
@@ -258,6 +259,7 @@ def _process_chunk(task: dict) -> dict:
     torch.set_num_threads(1)
     try:
         with StackWriter(out_dir / spec["stack"], len(idx), d, float(px[0] * images.box / d) if len(px) else 1.0) as w:
+            stable_stack_label(w)
             for a in range(0, len(idx), settings.batch_size):
                 sl = slice(a, a + settings.batch_size)
                 x = images.read(idx[sl])
