@@ -31,14 +31,17 @@ Output tree (``DIR``)::
     DIR/preprocess.json                           manifest: counts, boxes, pixel sizes, chunks
 
 Every input column is kept (the particle table and the optics table); ``rlnImageName`` is
-rewritten, and two columns record where each image came from so that later stages (the
-per-group reconstructions) can go back to the original-size images:
-``dhnmaOriginalImageName`` (``NNNNNN@/absolute/path/of/the/input/stack``) and
-``dhnmaOriginalPixelSize`` (Å); when the input already has them (a preprocessed set
-preprocessed again) they are kept as they are. (``rlnImageOriginalName`` is RELION's own
-label for the extraction-time name and is left untouched.) In the optics table
-``rlnImagePixelSize`` and ``rlnImageSize`` are updated and ``rlnCtfDataArePhaseFlipped``
-is set to 1 when the images were flipped.
+rewritten, and two columns record where each image came from, so that later stages (the
+per-group reconstructions) can go back to the original-size images and evaluations can
+join a ground-truth table: ``dhnmaOriginalImageName`` (the input's ``rlnImageName``,
+verbatim) and ``dhnmaOriginalPixelSize`` (Å). :func:`original_images` resolves the names as
+the input STAR did (its path and the data directory are in the manifest as
+``original_star`` / ``original_data_dir``). When the input already has these columns (a
+preprocessed set preprocessed again) they are kept, and so are the manifest's
+``original_star`` / ``original_data_dir``. (``rlnImageOriginalName`` is RELION's own label
+for the extraction-time name and is left untouched.) In the optics table
+``rlnImagePixelSize`` and ``rlnImageSize`` are updated and ``rlnCtfDataArePhaseFlipped`` is
+set to 1 for the optics groups whose images were flipped.
 
 Chunks are processed in parallel processes (each on one thread: same bytes whatever the
 number of processes), each reading only its particles (memory-mapped stacks) in batches
@@ -231,6 +234,29 @@ def output_optics(optics: pd.DataFrame, in_box: int, out_box: int, flipped_group
 _WORKER: dict = {}
 
 
+def run_in_processes(fn, tasks, workers: int, initializer, initargs):
+    """Yield ``fn(task)`` results (in completion order) from ``workers`` spawned processes,
+    keeping at most 2 × workers tasks submitted at a time (tasks is consumed lazily)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    it = iter(tasks)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=initializer, initargs=initargs) as pool:
+        pending = set()
+        for t in it:
+            pending.add(pool.submit(fn, t))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                yield fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.add(pool.submit(fn, nxt))
+
+
 def _worker_init(images, settings: PreprocessSettings, out_box: int, optics: pd.DataFrame) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -271,6 +297,7 @@ def _process_chunk(task: dict) -> dict:
                 w.append(process_images(x, d, px[sl], settings, ctf, flip[sl]).numpy())
     finally:
         torch.set_num_threads(prev)
+        images.close()  # unmap the input stacks: their resident pages do not pile up chunk after chunk
     out = rows.copy()
     stack_name = Path(spec["stack"]).name
     out[IMAGE_NAME] = [f"{i + 1:06d}@{stack_name}" for i in range(len(out))]
@@ -339,60 +366,65 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
     optics = output_optics(star.optics, D, d, flipped_groups)
 
     rows = star.particles.copy()
+    origin = {"original_star": str(particles_star.resolve()),
+              "original_data_dir": None if data_dir is None else str(Path(data_dir).resolve())}
     if ORIGINAL_NAME not in rows.columns:
-        rows[ORIGINAL_NAME] = [f"{i + 1:06d}@{files[f]}" for f, i in zip(file_idx, image_idx)]
+        rows[ORIGINAL_NAME] = rows[IMAGE_NAME].astype(str)
+    else:  # preprocessed before: the names refer to that run's input
+        prev = _find_manifest(particles_star)
+        if prev is not None:
+            origin = {k: prev.get(k) for k in origin}
+        else:
+            log.warning("%s already has %s but no preprocess.json beside it: original_images() will resolve the "
+                        "names against %s", particles_star, ORIGINAL_NAME, particles_star)
     if ORIGINAL_PIXEL_SIZE not in rows.columns:
         rows[ORIGINAL_PIXEL_SIZE] = px
 
     plan = plan_chunks(n, settings)
     sets = dict(zip(SETS, split_indices(n, settings)))
     fp = settings.fingerprint(f"{particles_star.resolve()}|{n}|{D}|{os.path.getsize(particles_star)}")
-    tasks, done = [], []
+    todo, done = [], []
     for spec in plan:
-        idx = sets[spec["set"]][spec["start"]:spec["start"] + spec["n"]]
         if _chunk_done(out_dir, spec, fp):
             done.append(spec["name"])
-            continue
-        if only is not None and spec["name"] not in only:
-            continue
-        (out_dir / spec["set"]).mkdir(parents=True, exist_ok=True)
-        tasks.append({"spec": spec, "indices": idx, "rows": rows.iloc[idx], "pixel_size": px[idx], "flip": flip[idx],
-                      "ctf": None if ctf_cols is None else {k: v[idx] for k, v in ctf_cols.items()},
-                      "out_dir": str(out_dir), "fingerprint": fp})
+        elif only is None or spec["name"] in only:
+            todo.append(spec)
     if only is not None:
         unknown = set(only) - {s["name"] for s in plan}
         if unknown:
             raise ConfigError(f"unknown chunk name(s) {sorted(unknown)}; the plan has {plan[0]['name']} … {plan[-1]['name']}")
     if done:
         log.info("%d of %d chunks already complete: not redone", len(done), len(plan))
-    n_todo = sum(len(t["indices"]) for t in tasks)
-    workers = max(1, min(int(workers), len(tasks))) if tasks else 1
-    log.info("preprocessing %d particles (%d chunks) %d² → %d², %d worker process%s", n_todo, len(tasks), D, d,
+
+    def task(spec: dict) -> dict:  # built only when submitted: the table is not copied whole
+        idx = sets[spec["set"]][spec["start"]:spec["start"] + spec["n"]]
+        (out_dir / spec["set"]).mkdir(parents=True, exist_ok=True)
+        return {"spec": spec, "indices": idx, "rows": rows.iloc[idx], "pixel_size": px[idx], "flip": flip[idx],
+                "ctf": None if ctf_cols is None else {k: v[idx] for k, v in ctf_cols.items()},
+                "out_dir": str(out_dir), "fingerprint": fp}
+
+    n_todo = sum(s["n"] for s in todo)
+    workers = max(1, min(int(workers), len(todo))) if todo else 1
+    log.info("preprocessing %d particles (%d chunks) %d² → %d², %d worker process%s", n_todo, len(todo), D, d,
              workers, "" if workers == 1 else "es")
     bar = progress(total=n_todo, desc="preprocess", unit="particle")
     if workers == 1:
         saved = dict(_WORKER)
         _worker_init(images, settings, d, optics)
         try:
-            for t in tasks:
-                _process_chunk(t)
-                done.append(t["spec"]["name"])
-                bar.update(len(t["indices"]))
+            for spec in todo:
+                _process_chunk(task(spec))
+                done.append(spec["name"])
+                bar.update(spec["n"])
         finally:
             _WORKER.clear()
             _WORKER.update(saved)
-    elif tasks:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
+    elif todo:
         images.close()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(images, settings, d, optics)) as pool:
-            futures = {pool.submit(_process_chunk, t): t for t in tasks}
-            for fut in as_completed(futures):
-                rec = fut.result()
-                done.append(rec["name"])
-                bar.update(rec["n"])
+        for rec in run_in_processes(_process_chunk, (task(s) for s in todo), workers, _worker_init,
+                                    (images, settings, d, optics)):
+            done.append(rec["name"])
+            bar.update(rec["n"])
     bar.close()
 
     complete = len(set(done)) == len(plan)
@@ -400,6 +432,7 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
         "format_version": FORMAT_VERSION,
         "complete": complete,
         "input_star": str(particles_star.resolve()),
+        **origin,
         "n_particles": n,
         "box_in": D,
         "box_out": d,
@@ -429,3 +462,44 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
         write_star(out_dir / f"{name}.star", out, optics)
     atomic_write_json(out_dir / "preprocess.json", manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------- back to the originals
+def _find_manifest(star_path) -> dict | None:
+    """The ``preprocess.json`` of a set STAR (beside it) or a chunk STAR (one level up)."""
+    p = Path(star_path).resolve()
+    for d in (p.parent, p.parent.parent):
+        m = d / "preprocess.json"
+        if m.is_file():
+            try:
+                return json.loads(m.read_text())
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
+
+
+def original_images(star, manifest: dict | str | os.PathLike | None = None):
+    """:class:`deephemnma.mrc.ParticleImages` of the ORIGINAL (full-size, unprocessed) images
+    of the particles of a preprocessed STAR (``StarData`` or path), in its row order.
+
+    ``dhnmaOriginalImageName`` holds each particle's ``rlnImageName`` verbatim as it was in
+    the input STAR (so it is also the key of a ground-truth table); it is resolved as the
+    input STAR resolved it, i.e. relative to ``original_star`` (and ``original_data_dir``)
+    recorded in the manifest, which is found beside a set STAR or one level above a chunk
+    STAR when not given. The original pixel size is ``dhnmaOriginalPixelSize``."""
+    from .mrc import ParticleImages
+    from .star import IMAGE_NAME, StarData, read_star
+
+    if not isinstance(star, StarData):
+        star = read_star(star)
+    if ORIGINAL_NAME not in star.particles.columns:
+        raise InputError(star.path, f"no _{ORIGINAL_NAME} column: not written by deephemnma preprocess")
+    if manifest is None:
+        manifest = _find_manifest(star.path)
+        if manifest is None:
+            raise InputError(star.path, "preprocess.json not found beside the STAR file (or one level up)")
+    elif not isinstance(manifest, dict):
+        manifest = json.loads(Path(manifest).read_text())
+    orig = StarData(star.particles[[ORIGINAL_NAME]].rename(columns={ORIGINAL_NAME: IMAGE_NAME}), star.optics,
+                    Path(manifest["original_star"]), star.version)
+    return ParticleImages.from_star(orig, manifest.get("original_data_dir"))

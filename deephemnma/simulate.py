@@ -310,12 +310,34 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------- chunks
-def plan_chunks(n_particles: int, chunk_size: int) -> list[tuple[int, int]]:
+def chunk_ranges(n_particles: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, stop), …] of the simulation's chunks (all ``chunk_size`` but the last)."""
     n, c = int(n_particles), int(chunk_size)
     if n < 1 or c < 1:
         raise ConfigError(f"need n_particles ≥ 1 and chunk_size ≥ 1, got {n}, {c}")
     return [(a, min(n, a + c)) for a in range(0, n, c)]
+
+
+def plan_chunks(n_particles: int | None, config) -> list[dict]:
+    """The chunks ``simulate`` writes, computable before running (for Snakemake):
+    ``{"index", "start", "n", "particles", "clean", "projections", "record"}`` (paths
+    relative to the output directory; ``clean``/``projections`` only when written).
+    ``n_particles`` None: the config's ``simulate.n_particles``. ``config``: the whole
+    config or a :class:`Settings`."""
+    s = config if isinstance(config, Settings) else Settings.from_config(config)
+    n = s.n_particles if n_particles is None else int(n_particles)
+    out = []
+    for c, (a, b) in enumerate(chunk_ranges(n, s.chunk_size)):
+        f = chunk_files(c)
+        d = {"index": c, "start": a, "n": b - a, "particles": f["particles"], "record": f["record"]}
+        if s.write_clean or s.snr is None:
+            d["clean"] = f["clean"]
+        if s.write_projections:
+            d["projections"] = f["projections"]
+        if s.snr is None:
+            d.pop("particles")
+        out.append(d)
+    return out
 
 
 def chunk_files(chunk: int) -> dict[str, str]:
@@ -426,7 +448,7 @@ def chunk_parameters(settings: Settings, reference: SimReference, chunk: int, st
 
 
 def all_parameters(settings: Settings, reference: SimReference) -> pd.DataFrame:
-    chunks = plan_chunks(settings.n_particles, settings.chunk_size)
+    chunks = chunk_ranges(settings.n_particles, settings.chunk_size)
     return pd.concat([chunk_parameters(settings, reference, c, a, b) for c, (a, b) in enumerate(chunks)])
 
 
@@ -676,7 +698,7 @@ def optics_table(settings: Settings) -> pd.DataFrame:
 
 def image_names(settings: Settings) -> list[str]:
     names = []
-    for c, (a, b) in enumerate(plan_chunks(settings.n_particles, settings.chunk_size)):
+    for c, (a, b) in enumerate(chunk_ranges(settings.n_particles, settings.chunk_size)):
         stack = chunk_files(c)["particles"]
         names.extend(f"{i + 1:06d}@{stack}" for i in range(b - a))
     return names
@@ -711,7 +733,7 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
     t0 = time.perf_counter()
     modes = driven_modes(settings, reference)
     profiles = profiles_for(reference, settings)
-    chunks = plan_chunks(settings.n_particles, settings.chunk_size)
+    chunks = chunk_ranges(settings.n_particles, settings.chunk_size)
     fp = settings.fingerprint(reference)
     noise = calibrate_noise(reference, settings, profiles)
     kinds = (["particles"] if noise is not None else []) + (["clean"] if settings.write_clean or noise is None else []) \
@@ -743,16 +765,11 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
             _WORKER.clear()
             _WORKER.update(saved)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from .preprocess import run_in_processes
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(reference, settings, noise)) as pool:
-            futures = [pool.submit(_render_chunk, t) for t in todo]
-            for fut in as_completed(futures):
-                rec = fut.result()
-                records[rec["chunk"]] = rec
-                bar.update(rec["n"])
+        for rec in run_in_processes(_render_chunk, todo, workers, _worker_init, (reference, settings, noise)):
+            records[rec["chunk"]] = rec
+            bar.update(rec["n"])
     bar.close()
 
     params = all_parameters(settings, reference)

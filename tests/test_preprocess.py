@@ -125,7 +125,7 @@ def test_preprocess_simulated_dataset(simulated, tmp_path):
         for col in src.particles.columns:  # every input column kept
             assert col in st.particles.columns
     names = set(set1.particles["dhnmaOriginalImageName"]) | set(set2.particles["dhnmaOriginalImageName"])
-    assert len(names) == 40
+    assert names == set(src.particles["rlnImageName"])  # verbatim: the key of the ground truth
     assert (set1.particles["dhnmaOriginalPixelSize"] == 0.6).all()
     # per-set STAR, chunk STAR and original image agree
     imgs = ParticleImages.from_star(set1).read(np.arange(25))
@@ -134,18 +134,29 @@ def test_preprocess_simulated_dataset(simulated, tmp_path):
     bg = ~imageops.circular_mask(32, 0.9 * 16).numpy()
     np.testing.assert_allclose(imgs[:, bg].mean(1), 0, atol=1e-5)
     np.testing.assert_allclose(imgs[:, bg].std(1), 1, atol=1e-4)
-    # the first particle of set 1, redone by hand from its original image
-    row = set1.particles.iloc[0]
-    stack, num = row["dhnmaOriginalImageName"].split("@")[1], int(row["dhnmaOriginalImageName"].split("@")[0])
-    orig = read_stack(stack)[num - 1]
+    # back to the original images (from a set STAR or a chunk STAR); redo the first by hand
+    orig_all = pp.original_images(set1).read(np.arange(25))
+    full = ParticleImages.from_star(src).read(np.arange(40))
+    pos = {n: i for i, n in enumerate(src.particles["rlnImageName"])}
+    np.testing.assert_array_equal(orig_all, full[[pos[n] for n in set1.particles["dhnmaOriginalImageName"]]])
+    np.testing.assert_array_equal(pp.original_images(out / "set1/chunk_0001.star").read(np.arange(10)), orig_all[10:20])
+    orig = orig_all[0]
     cp = CTFParams.from_table(set1.particles.iloc[[0]].assign(rlnVoltage=200.0, rlnSphericalAberration=2.0,
                                                               rlnAmplitudeContrast=0.1))
     want = pp.process_images(orig[None], 32, 0.6, s, compute_ctf(cp, 64, 0.6), np.ones(1, bool)).numpy()[0]
     np.testing.assert_allclose(imgs[0], want, atol=1e-5)
     # shifts stay in Å, the split keeps the input order
     key = dict(zip(src.particles["rlnImageName"], src.particles["rlnDefocusU"]))
-    assert [key[n] for n in set1.particles["dhnmaOriginalImageName"].str.replace(str(simulated) + "/", "")] == \
-        set1.particles["rlnDefocusU"].tolist()
+    assert [key[n] for n in set1.particles["dhnmaOriginalImageName"]] == set1.particles["rlnDefocusU"].tolist()
+    assert [pos[n] for n in set1.particles["dhnmaOriginalImageName"]] == sorted(pos[n] for n in set1.particles[
+        "dhnmaOriginalImageName"])
+    # preprocessing a preprocessed set keeps the way back to the first originals
+    again = pp.preprocess_dataset(out / "set1.star", tmp_path / "again", psettings(box=16, set1_size=5), workers=1)
+    assert again["original_star"] == str((simulated / "particles.star").resolve())
+    twice = read_star(tmp_path / "again/set2.star")
+    np.testing.assert_array_equal(pp.original_images(twice).read([0]),
+                                  full[[pos[twice.particles["dhnmaOriginalImageName"].iloc[0]]]])
+    assert (twice.particles["dhnmaOriginalPixelSize"] == 0.6).all() and twice.optics["rlnImagePixelSize"].tolist() == [2.4]
     manifest = json.loads((out / "preprocess.json").read_text())
     assert manifest["sets"]["set1"]["n"] == 25 and len(manifest["chunks"]) == len(plan)
 
@@ -188,7 +199,7 @@ def test_real_relion31_data(peer_dir, tmp_path, run_cli):
     for _, row in s1.particles.iterrows():  # every value of the input row kept, shifts in Å unchanged
         o = src.loc[row["rlnImageOriginalName"]]
         assert row["rlnOriginXAngst"] == o["rlnOriginXAngst"] and row["rlnDefocusU"] == o["rlnDefocusU"]
-        assert row["dhnmaOriginalImageName"].endswith(str(peer_dir / "relion31.mrcs"))
+        assert row["dhnmaOriginalImageName"].endswith("@relion31.mrcs")
     x = read_stack(out / "set1/chunk_0000.mrcs")
     assert x.shape == (2, 128, 128) and np.isfinite(x).all()
     plan = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--out-dir", out, "--plan",

@@ -121,7 +121,11 @@ def test_parameters_are_per_chunk_deterministic(ref):
     assert list(a.index) == list(range(32, 64))
     c = sim.chunk_parameters(s, ref, 0, 0, 32)
     assert not np.allclose(a[AMP[0]].to_numpy(), c[AMP[0]].to_numpy())
-    assert sim.plan_chunks(70000, 1000)[-1] == (69000, 70000) and sim.plan_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert sim.chunk_ranges(70000, 1000)[-1] == (69000, 70000) and sim.chunk_ranges(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    plan = sim.plan_chunks(None, validate_config({"simulate": {"n_particles": 2500}}))
+    assert [c["n"] for c in plan] == [1000, 1000, 500]
+    assert plan[2]["particles"] == "stacks/particles_0002.mrcs" and plan[2]["clean"] == "stacks/clean_0002.mrcs"
+    assert "projections" not in plan[0]
 
 
 # ------------------------------------------------------------------------ images
