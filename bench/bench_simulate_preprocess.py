@@ -148,7 +148,7 @@ def bench_preprocess(star: Path, out: Path, n: int) -> dict:
     code = PRELUDE + f"""
 from deephemnma.config import validate_config
 from deephemnma.preprocess import PreprocessSettings, preprocess_dataset
-s = PreprocessSettings.from_config(validate_config({{'preprocess': {{'box': 128, 'set1_size': {n // 5},
+s = PreprocessSettings.from_config(validate_config({{'preprocess': {{'box': 128, 'set1_size': 1000,
                                                                    'chunk_size': 1000}}}}))
 t = time.perf_counter()
 m = preprocess_dataset({str(star)!r}, {str(out)!r}, s, workers=1)

@@ -289,6 +289,7 @@ def _process_chunk(task: dict) -> dict:
             for a in range(0, len(idx), settings.batch_size):
                 sl = slice(a, a + settings.batch_size)
                 x = images.read(idx[sl])
+                images.close()  # unmap after each batch: resident pages of the input stacks stay bounded
                 ctf = None
                 if flip[sl].any():
                     cp = CTFParams(**{k: v[sl] for k, v in ctf_cols.items()})
@@ -297,7 +298,7 @@ def _process_chunk(task: dict) -> dict:
                 w.append(process_images(x, d, px[sl], settings, ctf, flip[sl]).numpy())
     finally:
         torch.set_num_threads(prev)
-        images.close()  # unmap the input stacks: their resident pages do not pile up chunk after chunk
+        images.close()
     out = rows.copy()
     stack_name = Path(spec["stack"]).name
     out[IMAGE_NAME] = [f"{i + 1:06d}@{stack_name}" for i in range(len(out))]
