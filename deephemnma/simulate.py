@@ -26,12 +26,14 @@ For each particle ``i``:
 
    * ``rotated_grid`` (default): rasterised on the voxel grid aligned with the particle's
      image (the exact real-space rotation of the continuous density, no interpolation) and
-     integrated along z — ~40 ms per 256² particle of 1,656 atoms on one core;
+     integrated along z — ~45 ms per 256² particle of 1,656 atoms on one core;
    * ``fourier_slice``: rasterised into a D³ volume in the reference frame and projected with
      :class:`deephemnma.projection.FourierSliceProjector` (``oversample`` × zero padding,
-     trilinear slice) — seconds per 256² particle (a full 3-D FFT per particle), for
-     validation and small sets. The two agree to a correlation > 0.98 (the Fourier slice
-     adds interpolation error).
+     trilinear slice) — 4 s per 256² particle at oversample 1 and 8 s per 128² particle at
+     oversample 2 (a full 3-D FFT per particle; oversample 2 at 256² needs a 512³ transform,
+     ~5 GB), for validation and small sets. The two agree to a correlation > 0.95 at full
+     resolution and > 0.99 below 3 Å (tests/test_density.py): the Fourier slice adds
+     interpolation error, and its gridding correction is only right on average.
    Orientations are uniform on SO(3) (``rotations: uniform``), or the paper's literal
    statement (``euler_uniform``: rot, psi ~ U(0, 360°), tilt ~ U(0, 180°), which is not
    uniform on the sphere). Shifts: the particle is drawn at (image centre − origin) with
@@ -118,12 +120,15 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------- inputs
 @dataclass
 class SimReference:
-    """What the simulation needs of a normal-mode analysis.
+    """What the simulation needs of a normal-mode analysis (:class:`deephemnma.nma.ModeSet`).
 
-    ``coords`` (N, 3) Å (any frame; centred on their mean here), ``elements`` (N,) symbols,
-    ``mode_numbers`` (M,) (numbered from 1; 1–6 rigid), ``vectors`` (M, N, 3) unit norm over
-    3N; optionally ``weights`` (N,) and ``sigma`` (N,) Å for a one-Gaussian-per-atom density
-    (``scattering: gaussian``, e.g. pseudo-atoms of an EM map).
+    ``coords`` (N, 3) Å in any frame and ``centre`` (3,) Å, the point that goes to the box
+    centre (the mode file's ``centre``: the weighted centroid of the atoms, or a map's box
+    centre; default the mean of ``coords``) — stored centred, so ``coords`` are relative
+    to the box centre; ``elements`` (N,) symbols; ``mode_numbers`` (M,) (numbered from 1;
+    1–6 rigid); ``vectors`` (M, N, 3) unit norm over 3N; ``weights`` (N,) and ``sigma``
+    (N,) Å for the one-Gaussian-per-atom density (pseudo-atoms); ``kind`` "atomic" or
+    "pseudoatoms".
     """
 
     coords: np.ndarray
@@ -132,12 +137,15 @@ class SimReference:
     vectors: np.ndarray
     weights: np.ndarray | None = None
     sigma: np.ndarray | None = None
+    centre: np.ndarray | None = None
+    kind: str = "atomic"
     source: str | None = None
-    centre: np.ndarray = field(init=False)
 
     def __post_init__(self):
         c = np.asarray(self.coords, dtype=np.float64).reshape(-1, 3)
-        self.centre = c.mean(axis=0) if len(c) else np.zeros(3)
+        if self.centre is None:
+            self.centre = c.mean(axis=0) if len(c) else np.zeros(3)
+        self.centre = np.asarray(self.centre, dtype=np.float64).reshape(3)
         self.coords = c - self.centre
         n = len(self.coords)
         self.elements = np.asarray(self.elements, dtype=str).reshape(n)
@@ -164,16 +172,18 @@ class SimReference:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for a in (self.coords, self.vectors, self.mode_numbers):
+        for a in (self.coords, self.centre, self.vectors, self.mode_numbers):
             h.update(np.ascontiguousarray(a).tobytes())
         h.update("\0".join(self.elements.tolist()).encode())
         for a in (self.weights, self.sigma):
             h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+        h.update(self.kind.encode())
         return h.hexdigest()
 
     @classmethod
     def from_modes(cls, modes, source=None) -> "SimReference":
-        """From a mode set object (``deephemnma.nma.ModeSet``) by its attributes."""
+        """From a :class:`deephemnma.nma.ModeSet` (attributes ``coords``, ``element``,
+        ``mode_numbers``, ``modes`` (the vectors), ``weights``, ``sigma``, ``centre``, ``kind``)."""
         def pick(*names, required=True):
             for n in names:
                 v = getattr(modes, n, None)
@@ -183,13 +193,9 @@ class SimReference:
                 raise InputError(source, f"mode set lacks {' / '.join(names)}")
             return None
 
-        coords = pick("coords", "reference", "x0")
-        elements = pick("elements", "element")
-        numbers = pick("mode_numbers", "numbers", "modes")
-        vectors = pick("vectors", "mode_vectors")
-        weights = pick("weights", required=False)
-        sigma = pick("sigma", required=False)
-        return cls(coords, elements, numbers, vectors, weights, sigma, source=None if source is None else str(source))
+        return cls(pick("coords"), pick("element", "elements"), pick("mode_numbers"), pick("modes", "vectors"),
+                   pick("weights", required=False), pick("sigma", required=False), pick("centre", required=False),
+                   str(pick("kind", required=False) or "atomic"), source=None if source is None else str(source))
 
 
 def load_reference(path) -> SimReference:
@@ -237,7 +243,7 @@ class Settings:
     noise_before_ctf: float = 0.5
     snr_radius: float | None = None
     snr_calibration: int = 64
-    scattering: str = "peng"
+    scattering: str = "auto"
     b_factor: float = 0.0
     projector: str = "rotated_grid"
     oversample: int = 2
@@ -469,9 +475,14 @@ class NoiseModel:
 
 
 def profiles_for(reference: SimReference, settings: Settings) -> AtomProfiles:
-    if settings.scattering == "peng":
+    """Each atom's density: Peng scattering for atomic models, the mode file's Gaussians for
+    pseudo-atoms (``scattering: auto``), or as chosen."""
+    mode = settings.scattering
+    if mode == "auto":
+        mode = "gaussian" if reference.kind == "pseudoatoms" else "peng"
+    if mode == "peng":
         return AtomProfiles.peng(reference.elements, settings.b_factor)
-    if settings.scattering == "gaussian":
+    if mode == "gaussian":
         if reference.weights is None or reference.sigma is None:
             raise ConfigError("simulate.scattering=gaussian needs per-atom weights and sigma in the mode file")
         s = np.sqrt(reference.sigma ** 2 + settings.b_factor / (8 * math.pi ** 2))

@@ -263,19 +263,27 @@ def test_no_noise_no_ctf(ref, tmp_path):
 
 
 def test_reference_from_mode_set_object():
-    class Modes:  # the attributes of deephemnma.nma.ModeSet
+    class Modes:  # the attributes of deephemnma.nma.ModeSet used here
         coords = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-        elements = np.array(["C", "O"])
+        element = np.array(["C", "O"])
         mode_numbers = np.array([7])
-        vectors = np.array([[[1.0, 0, 0], [0, 0, 0]]])
-        weights = None
-        sigma = None
+        modes = np.array([[[1.0, 0, 0], [0, 0, 0]]])
+        weights = np.array([6.0, 8.0])
+        sigma = np.array([1.0, 1.0])
+        centre = np.array([2.0, 2.0, 1.0])  # weighted centroid, not the mean
+        kind = "atomic"
 
     r = SimReference.from_modes(Modes())
-    np.testing.assert_allclose(r.coords.mean(0), 0)
-    np.testing.assert_allclose(r.centre, [2, 2, 2])
-    np.testing.assert_allclose(r.deform([[2.0]])[0, 0], [-1 + 2.0, 0, 1])
-    assert r.radius == pytest.approx(np.sqrt(2))
+    np.testing.assert_allclose(r.centre, [2, 2, 1])
+    np.testing.assert_allclose(r.coords, [[-1, 0, 2], [1, 0, 0]])
+    np.testing.assert_allclose(r.deform([[2.0]])[0, 0], [1, 0, 2])
+    assert r.radius == pytest.approx(np.sqrt(5))
+    s = settings()
+    assert sim.profiles_for(r, s).weights.shape == (2, 5)  # atomic: Peng
+    Modes.kind = "pseudoatoms"
+    p = SimReference.from_modes(Modes())
+    prof = sim.profiles_for(p, s)  # pseudo-atoms: the mode file's Gaussians
+    assert prof.weights.shape == (2, 1) and prof.total.tolist() == [6.0, 8.0]
 
 
 def test_paper_defaults_on_adenylate_kinase(ak_dir, tmp_path):
