@@ -383,11 +383,9 @@ def driven_modes(settings: Settings, reference: SimReference) -> list[int]:
 
 
 def amplitude_column(mode: int) -> str:
-    """``dhnmaAmplitude007`` (the project's amplitude column, :func:`deephemnma.star.amplitude_column`)."""
-    try:
-        from .star import amplitude_column as col
-    except ImportError:  # pragma: no cover
-        return f"dhnmaAmplitude{int(mode):03d}"
+    """``dhnmaAmplitude007``: :func:`deephemnma.star.amplitude_column`."""
+    from .star import amplitude_column as col
+
     return col(int(mode))
 
 
