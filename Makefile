@@ -36,7 +36,7 @@ $(PEER_STAMP): requirements/peer.txt $(STAMP)
 	$(PYTHON) -m venv --without-pip $(PEER_VENV) || $(PYTHON) scripts/make_venv.py $(PEER_VENV)
 	$(PEER_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/deephemnma-main-venv.pth', 'w').write(sys.argv[1] + '\\n')" \
 		"$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')"
-	$(BIN)/python -m pip --python $(PEER_VENV)/bin/python install --no-deps -r requirements/peer.txt
+	$(BIN)/python -m pip --python $(PEER_VENV)/bin/python install -c $(LOCK) -c requirements/peer.txt cryodrgn==4.3.1
 	touch $@
 
 peer: $(PEER_STAMP)
