@@ -185,6 +185,7 @@ def test_same_bytes_any_workers_resume_and_chunks(simulated, tmp_path):
     assert m["complete"] and (c / "set1.star").read_bytes() == (a / "set1.star").read_bytes()
 
 
+@pytest.mark.peer
 def test_real_relion31_data(peer_dir, tmp_path, run_cli):
     from deephemnma.star import read_star
 

@@ -298,3 +298,32 @@ def test_paper_defaults_on_adenylate_kinase(ak_dir, tmp_path):
     clean = read_stack(tmp_path / "stacks/clean_0000.mrcs")
     assert clean.shape == (6, 256, 256) and np.isfinite(clean).all()
     assert m["reference"]["n_atoms"] == 1656 and 0.05 < m["snr_measured"] < 0.2
+
+
+@pytest.mark.slow
+def test_cli_nma_simulate_preprocess(ak_dir, tmp_path, run_cli):
+    """The commands chained as the workflow will: nma → simulate → preprocess."""
+    from deephemnma.nma import load_modes
+    from deephemnma.star import read_star
+
+    modes = tmp_path / "modes.npz"
+    r = run_cli("nma", "--reference", ak_dir / "4ake.pdb", "--out", modes, "--set", "reference.chains=[A]")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "sim"
+    args = ["--set", "simulate.n_particles=12", "--set", "simulate.chunk_size=5", "--set", "simulate.box=64",
+            "--set", "simulate.pixel_size=1.3", "--set", "simulate.snr_calibration=8"]
+    r = run_cli("simulate", "--modes", modes, "--out-dir", out, *args, "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "simulate.json").read_text())
+    ms = load_modes(modes)
+    assert m["reference"]["n_atoms"] == ms.n_atoms and m["reference"]["driven_modes"] == [7, 8, 9]
+    np.testing.assert_allclose(m["reference"]["centre"], ms.centre)  # the mode file's centre is the box centre
+    truth = read_star(out / "ground_truth.star").particles
+    assert len(truth) == 12 and "dhnmaAmplitude009" in truth
+    assert (out / "simulate.log").is_file() and len(list((out / "stacks").glob("particles_*.mrcs"))) == 3
+    r = run_cli("preprocess", "--particles", out / "particles.star", "--out-dir", tmp_path / "prep",
+                "--set", "preprocess.box=32", "--set", "preprocess.set1_size=8", "--set", "preprocess.chunk_size=4")
+    assert r.returncode == 0, r.stderr
+    assert len(read_star(tmp_path / "prep/set1.star")) == 8 and len(read_star(tmp_path / "prep/set2.star")) == 4
+    bad = run_cli("simulate", "--modes", tmp_path / "missing.npz", "--out-dir", tmp_path / "x")
+    assert bad.returncode == 2 and "missing.npz" in bad.stderr
