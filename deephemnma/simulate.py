@@ -67,7 +67,8 @@ Output (``simulate_dataset(reference, settings, out_dir)``)
 ::
 
     DIR/particles.star         RELION 3.1 (optics + particles): rlnImageName, CTF columns,
-                               rlnOpticsGroup — what a microscope would give (no answers)
+                               rlnOpticsGroup — what a microscope would give (no answers);
+                               with ``snr: null`` it points at the noise-free stacks
     DIR/ground_truth.star      the answers, keyed by rlnImageName, in the pipeline's columns:
                                rlnAngleRot/Tilt/Psi (°), rlnOriginXAngst/YAngst (Å),
                                dhnmaAmplitudeNNN (every mode of the mode file; 0 if not driven),
@@ -77,6 +78,9 @@ Output (``simulate_dataset(reference, settings, out_dir)``)
     DIR/stacks/clean_NNNN.mrcs       noise-free CTF-modulated images (``write_clean``)
     DIR/stacks/projections_NNNN.mrcs noise-free projections without CTF (``write_projections``)
     DIR/stacks/chunk_NNNN.json       completion record of the chunk (fingerprint, SNR sums)
+    DIR/clean.star, DIR/projections.star   the same particles (same rows, same order) pointing at
+                               the clean / projection stacks, when written (projections.star
+                               has no CTF columns) — noise-free controls
     DIR/simulate.json                manifest: settings, noise model, measured SNR, chunks
 
 Chunks are written whole and atomically, in parallel processes; a chunk whose record
@@ -705,18 +709,23 @@ def optics_table(settings: Settings) -> pd.DataFrame:
     })
 
 
-def image_names(settings: Settings) -> list[str]:
+def image_names(settings: Settings, kind: str = "particles") -> list[str]:
+    """``NNNNNN@stacks/<kind>_CCCC.mrcs`` of every particle, relative to the output directory."""
     names = []
     for c, (a, b) in enumerate(chunk_ranges(settings.n_particles, settings.chunk_size)):
-        stack = chunk_files(c)["particles"]
+        stack = chunk_files(c)[kind]
         names.extend(f"{i + 1:06d}@{stack}" for i in range(b - a))
     return names
 
 
-def tables(settings: Settings, reference: SimReference, params: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(particles, ground truth) tables, both with ``rlnImageName`` first."""
+def tables(settings: Settings, reference: SimReference, params: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """The STAR tables: ``particles`` (the noisy images; the noise-free ones when ``snr`` is
+    null), ``ground_truth`` (keyed by the same ``rlnImageName``), and, when those stacks are
+    written, ``clean`` and ``projections`` (same rows in the same order; ``projections``
+    without CTF columns)."""
     params = all_parameters(settings, reference) if params is None else params
-    names = image_names(settings)
+    main_kind = "particles" if settings.snr is not None else "clean"
+    names = image_names(settings, main_kind)
     particles = pd.DataFrame({"rlnImageName": names})
     truth = pd.DataFrame({"rlnImageName": names})
     if settings.ctf:
@@ -728,7 +737,12 @@ def tables(settings: Settings, reference: SimReference, params: pd.DataFrame | N
     for col in params.columns:
         truth[col] = params[col].to_numpy()
     truth["rlnOpticsGroup"] = 1
-    return particles, truth
+    out = {"particles": particles, "ground_truth": truth}
+    if settings.snr is not None and settings.write_clean:
+        out["clean"] = particles.assign(rlnImageName=image_names(settings, "clean"))
+    if settings.write_projections:
+        out["projections"] = pd.DataFrame({"rlnImageName": image_names(settings, "projections"), "rlnOpticsGroup": 1})
+    return out
 
 
 # ---------------------------------------------------------------------------- driver
@@ -782,10 +796,11 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
     bar.close()
 
     params = all_parameters(settings, reference)
-    particles, truth = tables(settings, reference, params)
     optics = optics_table(settings)
-    write_star(out_dir / "particles.star", particles, optics)
-    write_star(out_dir / "ground_truth.star", truth, optics)
+    stars = {}
+    for name, table in tables(settings, reference, params).items():
+        stars[name] = f"{name}.star"
+        write_star(out_dir / stars[name], table, optics)
     sig = sum(r["signal_variance"] for r in records.values())
     nv = sum(r["noise_variance"] for r in records.values())
     manifest = {
@@ -795,6 +810,7 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
         "pixel_size": settings.pixel_size,
         "particles_star": "particles.star",
         "ground_truth_star": "ground_truth.star",
+        "stars": stars,
         "settings": settings.as_dict(),
         "fingerprint": fp,
         "reference": {"source": reference.source, "n_atoms": reference.n_atoms, "radius": reference.radius,

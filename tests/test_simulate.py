@@ -156,6 +156,11 @@ def test_outputs_and_star_files(dataset):
     imgs = ParticleImages.from_star(star).read([0, 40, 95])
     noisy = stack_of(out, "particles")
     np.testing.assert_array_equal(imgs, noisy[[0, 40, 95]])
+    for kind in ("clean", "projections"):  # noise-free controls, same rows
+        st = read_star(out / f"{kind}.star")
+        np.testing.assert_array_equal(ParticleImages.from_star(st).read([5, 90]), stack_of(out, kind)[[5, 90]])
+    assert "rlnDefocusU" in read_star(out / "clean.star").particles
+    assert "rlnDefocusU" not in read_star(out / "projections.star").particles
     assert manifest["n_particles"] == 96 and len(manifest["chunks"]) == 3
     assert json.loads((out / "simulate.json").read_text())["fingerprint"] == manifest["fingerprint"]
 
@@ -214,7 +219,7 @@ def test_same_seed_same_bytes_any_workers_and_resume(ref, tmp_path):
     sim.simulate_dataset(ref, s, a, workers=1)
     sim.simulate_dataset(ref, s, b, workers=2)
     names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.suffix in (".mrcs", ".star"))
-    assert len(names) == 3 * 3 + 2
+    assert len(names) == 3 * 3 + 4
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
     # resume: a missing chunk is redone, complete ones are not touched
@@ -259,7 +264,11 @@ def test_no_noise_no_ctf(ref, tmp_path):
     from deephemnma.star import read_star
 
     st = read_star(tmp_path / "particles.star")
-    assert "rlnDefocusU" not in st.particles and st.particles["rlnImageName"][0] == "000001@stacks/particles_0000.mrcs"
+    assert "rlnDefocusU" not in st.particles and st.particles["rlnImageName"][0] == "000001@stacks/clean_0000.mrcs"
+    from deephemnma.mrc import ParticleImages
+
+    assert ParticleImages.from_star(st).read([3]).shape == (1, 32, 32)
+    assert not (tmp_path / "clean.star").exists() and not (tmp_path / "projections.star").exists()
 
 
 def test_reference_from_mode_set_object():
