@@ -492,6 +492,19 @@ def profiles_for(reference: SimReference, settings: Settings) -> AtomProfiles:
     raise ConfigError(f"simulate.scattering: unknown {settings.scattering!r}")
 
 
+def conformation_map(reference: SimReference, amplitudes, settings: Settings, box: int | None = None,
+                     pixel_size: float | None = None) -> np.ndarray:
+    """The true map of one conformation: the reference deformed by ``amplitudes`` (one per
+    mode of the mode file, in :attr:`SimReference.mode_numbers` order), rasterised exactly as
+    the simulation does (same scattering, B-factor and centre), float32 ``[z, y, x]`` at
+    ``box`` / ``pixel_size`` (default: the simulation's). For evaluating reconstructions."""
+    X = reference.deform(np.asarray(amplitudes, dtype=np.float64).reshape(1, -1))[0]
+    vol = atoms_to_volume_torch(X, profiles_for(reference, settings), settings.box if box is None else int(box),
+                                settings.pixel_size if pixel_size is None else float(pixel_size),
+                                truncate=settings.truncate)
+    return vol[0].numpy()
+
+
 def ctf_params(settings: Settings, params: pd.DataFrame) -> CTFParams | None:
     if not settings.ctf:
         return None

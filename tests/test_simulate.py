@@ -255,6 +255,16 @@ def test_projectors_padding_and_contrast(ref):
     np.testing.assert_allclose(inv["clean"].numpy(), -one["clean"].numpy())
 
 
+def test_conformation_map_is_the_simulated_density(ref):
+    s = settings(box=48, pixel_size=0.8)
+    params = sim.sample_parameters(s, ref, 1, np.random.default_rng(9))
+    params[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]] = 0.0
+    vol = sim.conformation_map(ref, params[AMP].to_numpy()[0], s)
+    assert vol.shape == (48, 48, 48) and vol.sum() == pytest.approx(sim.profiles_for(ref, s).total.sum(), rel=1e-3)
+    proj = sim.project(ref, sim.profiles_for(ref, s), params, s).numpy()[0]
+    np.testing.assert_allclose(vol.sum(axis=0), proj, atol=1e-4 * proj.max())
+
+
 def test_no_noise_no_ctf(ref, tmp_path):
     s = settings(n_particles=4, chunk_size=4, box=32, pixel_size=1.0, snr=None, ctf={"enabled": False},
                  write_clean=False, write_projections=False)
