@@ -68,6 +68,7 @@ from .errors import ConfigError, InputError
 from .fileio import atomic_write_json
 from .imageops import crop_spectrum, normalise_background, radial_frequency, raised_cosine
 from .logs import get_logger, progress
+from .parallel import run_in_processes
 
 log = get_logger(__name__)
 
@@ -234,29 +235,6 @@ def output_optics(optics: pd.DataFrame, in_box: int, out_box: int, flipped_group
 _WORKER: dict = {}
 
 
-def run_in_processes(fn, tasks, workers: int, initializer, initargs):
-    """Yield ``fn(task)`` results (in completion order) from ``workers`` spawned processes,
-    keeping at most 2 × workers tasks submitted at a time (tasks is consumed lazily)."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    it = iter(tasks)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=initializer, initargs=initargs) as pool:
-        pending = set()
-        for t in it:
-            pending.add(pool.submit(fn, t))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                yield fut.result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.add(pool.submit(fn, nxt))
-
-
 def _worker_init(images, settings: PreprocessSettings, out_box: int, optics: pd.DataFrame) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -266,7 +244,6 @@ def _worker_init(images, settings: PreprocessSettings, out_box: int, optics: pd.
 def _process_chunk(task: dict) -> dict:
     from .ctf import CTFParams, compute_ctf
     from .mrc import StackWriter
-    from .simulate import stable_stack_label
     from .star import IMAGE_NAME, write_star
 
     images = _WORKER["images"]
@@ -285,7 +262,6 @@ def _process_chunk(task: dict) -> dict:
     torch.set_num_threads(1)
     try:
         with StackWriter(out_dir / spec["stack"], len(idx), d, float(px[0] * images.box / d) if len(px) else 1.0) as w:
-            stable_stack_label(w)
             for a in range(0, len(idx), settings.batch_size):
                 sl = slice(a, a + settings.batch_size)
                 x = images.read(idx[sl])

@@ -660,7 +660,6 @@ def _render_chunk(task: dict) -> dict:
     try:
         for w in writers.values():
             w.__enter__()
-            stable_stack_label(w)
         for a in range(0, stop - start, settings.batch_size):
             p = params.iloc[a:a + settings.batch_size]
             imgs = render(reference, profiles, p, settings, noise, rng if noise is not None else None)
@@ -683,16 +682,6 @@ def _render_chunk(task: dict) -> dict:
               "stacks": {k: files[k] for k in kinds}, **sums, "seconds": time.perf_counter() - t0}
     atomic_write_json(out_dir / files["record"], record)
     return record
-
-
-def stable_stack_label(writer) -> None:
-    """Replace the creation time mrcfile stamps into label 0 of a new stack by a fixed text,
-    so that the same inputs give the same bytes. (To be moved into
-    :class:`deephemnma.mrc.StackWriter`; until then it reaches into the open writer.)"""
-    mrc = getattr(writer, "_mrc", None)
-    if mrc is not None:
-        mrc.header.label[0] = b"Created by deephemnma"
-        mrc.header.nlabl = 1
 
 
 def _chunk_done(out_dir: Path, chunk: int, start: int, stop: int, fingerprint: str, kinds: Sequence[str]) -> dict | None:
@@ -801,7 +790,7 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
             _WORKER.clear()
             _WORKER.update(saved)
     else:
-        from .preprocess import run_in_processes
+        from .parallel import run_in_processes
 
         for rec in run_in_processes(_render_chunk, todo, workers, _worker_init, (reference, settings, noise)):
             records[rec["chunk"]] = rec
