@@ -26,7 +26,7 @@ from . import fsc as fscmod
 from .errors import InputError
 from .density import atoms_to_volume
 from .geometry import angular_error, euler_to_matrix
-from .star import ANGLE_COLUMNS, IMAGE_NAME, ORIGIN_COLUMNS
+from .star import ANGLE_COLUMNS, IMAGE_NAME, ORIGIN_COLUMNS, ORIGINAL_IMAGE_NAME
 
 ANGLES = list(ANGLE_COLUMNS)
 ORIGINS = list(ORIGIN_COLUMNS)
@@ -57,12 +57,14 @@ def load_ground_truth(path) -> pd.DataFrame:
 
 
 def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of ``truth`` in the order of ``pred`` (by ``rlnImageName``); particles without
-    ground truth are an error."""
-    idx = pd.Index(truth[IMAGE_NAME]).get_indexer(pred[IMAGE_NAME])
+    """Rows of ``truth`` in the order of ``pred``, matched by image name: the original
+    ``rlnImageName`` kept by preprocess (``dhnmaOriginalImageName``) when ``pred`` has it,
+    else ``rlnImageName``. Particles without ground truth are an error."""
+    key = ORIGINAL_IMAGE_NAME if ORIGINAL_IMAGE_NAME in pred.columns else IMAGE_NAME
+    idx = pd.Index(truth[IMAGE_NAME]).get_indexer(pred[key])
     if (idx < 0).any():
         i = int(np.flatnonzero(idx < 0)[0])
-        raise InputError(source, f"particle {pred[IMAGE_NAME].iloc[i]} has no ground truth", row=i + 1)
+        raise InputError(source, f"particle {pred[key].iloc[i]} has no ground truth", row=i + 1)
     return pred.reset_index(drop=True), truth.iloc[idx].reset_index(drop=True)
 
 

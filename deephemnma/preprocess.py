@@ -74,10 +74,8 @@ log = get_logger(__name__)
 
 STREAM_SPLIT = 11
 SETS = ("set1", "set2")
-ORIGINAL_NAME = "dhnmaOriginalImageName"
-ORIGINAL_PIXEL_SIZE = "dhnmaOriginalPixelSize"
-PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"
-PREMULTIPLIED = "rlnCtfDataAreCtfPremultiplied"
+from .star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
+from .star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
 FORMAT_VERSION = 1
 
 

@@ -158,6 +158,11 @@ SCORE = "dhnmaScore"
 CONVERGED = "dhnmaConverged"
 FLAG = "dhnmaFlag"
 GROUP = "dhnmaGroup"
+#: written by ``deephemnma preprocess``: each particle's input ``rlnImageName`` (verbatim; the
+#: key of ground-truth tables) and the pixel size of those original images
+ORIGINAL_IMAGE_NAME = "dhnmaOriginalImageName"
+ORIGINAL_PIXEL_SIZE = "dhnmaOriginalPixelSize"
+CTF_PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"
 
 #: dhnmaFlag bits
 FLAG_NOT_CONVERGED = 1
