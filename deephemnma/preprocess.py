@@ -298,8 +298,8 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
                        pixel_size: float | None = None, workers: int = 1, only: Sequence[str] | None = None) -> dict:
     """Preprocess the particles of ``particles_star`` into ``out_dir`` (see the module
     docstring). ``only``: chunk names (e.g. ``"set1/chunk_0003"``) to process, the others
-    being left alone; the per-set STARs and the manifest are written once every chunk is
-    complete. Returns the manifest (``{"complete": False, ...}`` when chunks remain)."""
+    being left alone (the per-set STARs and the manifest are then not written: a call
+    without ``only`` writes them once every chunk is complete, without redoing any). Returns the manifest (``{"complete": False, ...}`` when chunks remain)."""
     from .ctf import CTFParams
     from .mrc import ParticleImages
     from .star import IMAGE_NAME, OPTICS_GROUP, image_locations, merged, pixel_sizes, read_star, write_star
@@ -426,6 +426,10 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
                                   "chunks": [s["name"] for s in spec_set]}
     if not complete:
         log.info("%d of %d chunks complete; set STARs and manifest are written when all are", len(set(done)), len(plan))
+        return manifest
+    if only is not None:  # per-chunk jobs (a workflow): the index is written by one final call without ``only``
+        manifest["complete"] = False
+        log.info("chunks %s done; run without --chunks to write the set STARs and the manifest", ", ".join(only))
         return manifest
     for name in SETS:
         idx = sets[name]

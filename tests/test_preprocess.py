@@ -176,12 +176,16 @@ def test_same_bytes_any_workers_resume_and_chunks(simulated, tmp_path):
     pp.preprocess_dataset(simulated / "particles.star", a, s, workers=1)
     assert (a / "set1/chunk_0000.mrcs").stat().st_mtime_ns == t0
     assert (a / "set2/chunk_0001.mrcs").read_bytes() == (b / "set2/chunk_0001.mrcs").read_bytes()
-    # one chunk at a time (as a cluster job would): the index STARs come with the last chunk
+    # one chunk at a time (as cluster jobs would); a final call without ``only`` writes the index STARs
     c = tmp_path / "c"
     m = pp.preprocess_dataset(simulated / "particles.star", c, s, only=["set2/chunk_0000"])
     assert not m["complete"] and (c / "set2/chunk_0000.star").is_file() and not (c / "set1.star").exists()
     m = pp.preprocess_dataset(simulated / "particles.star", c, s, only=["set1/chunk_0000", "set1/chunk_0001",
                                                                         "set2/chunk_0001"])
+    assert not m["complete"] and not (c / "set1.star").exists()
+    t1 = (c / "set1/chunk_0000.mrcs").stat().st_mtime_ns
+    m = pp.preprocess_dataset(simulated / "particles.star", c, s)
+    assert (c / "set1/chunk_0000.mrcs").stat().st_mtime_ns == t1  # nothing redone
     assert m["complete"] and (c / "set1.star").read_bytes() == (a / "set1.star").read_bytes()
 
 
