@@ -11,7 +11,9 @@ CORES ?= all
 CONFIG ?= config/config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test run bench clean help
+.PHONY: install peer test run bench clean help
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.deps-installed
 
 help:
 	@echo "make run    run the embedded demo workflow (config/config.yaml) into results/"
@@ -28,7 +30,19 @@ $(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# cryoDRGN as an independent peer for the convention tests: a side environment that sees the
+# main one's packages (a .pth file) and adds cryoDRGN's own. Optional: tests skip without it.
+$(PEER_STAMP): requirements/peer.txt $(STAMP)
+	$(PYTHON) -m venv --without-pip $(PEER_VENV) || $(PYTHON) scripts/make_venv.py $(PEER_VENV)
+	$(PEER_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/deephemnma-main-venv.pth', 'w').write(sys.argv[1] + '\\n')" \
+		"$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')"
+	$(BIN)/python -m pip --python $(PEER_VENV)/bin/python install -c $(LOCK) -c requirements/peer.txt cryodrgn==4.3.1
+	touch $@
+
+peer: $(PEER_STAMP)
+
 test: install
+	-$(MAKE) --no-print-directory peer || echo "note: cryoDRGN peer environment not installed; its tests will skip"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install

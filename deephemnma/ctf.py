@@ -32,18 +32,22 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from . import star as _star
+
+#: CTFParams field → RELION column (names defined once, in :mod:`deephemnma.star`)
 COLUMNS = {
-    "defocus_u": "rlnDefocusU",
-    "defocus_v": "rlnDefocusV",
-    "defocus_angle": "rlnDefocusAngle",
-    "voltage": "rlnVoltage",
-    "cs": "rlnSphericalAberration",
-    "amp_contrast": "rlnAmplitudeContrast",
-    "phase_shift": "rlnPhaseShift",
-    "bfactor": "rlnCtfBfactor",
-    "scale": "rlnCtfScalefactor",
+    "defocus_u": _star.DEFOCUS_U,
+    "defocus_v": _star.DEFOCUS_V,
+    "defocus_angle": _star.DEFOCUS_ANGLE,
+    "voltage": _star.VOLTAGE,
+    "cs": _star.SPHERICAL_ABERRATION,
+    "amp_contrast": _star.AMPLITUDE_CONTRAST,
+    "phase_shift": _star.PHASE_SHIFT,
+    "bfactor": _star.CTF_BFACTOR,
+    "scale": _star.CTF_SCALEFACTOR,
 }
 REQUIRED = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast")
+assert tuple(COLUMNS[k] for k in REQUIRED) == _star.CTF_COLUMNS
 OPTIONAL_DEFAULTS = {"phase_shift": 0.0, "bfactor": 0.0, "scale": 1.0}
 
 

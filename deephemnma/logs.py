@@ -68,6 +68,7 @@ class progress:
         self._last_frac = 0.0
         self._bar = None
         self._closed = False
+        self._last_logged = -1
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
@@ -95,6 +96,7 @@ class progress:
             self._last_t = now
 
     def _emit(self, now: float) -> None:
+        self._last_logged = self.n
         rate = self.n / max(now - self._t0, 1e-9)
         of = f"/{self.total}" if self.total else ""
         self._log.info("%s: %d%s %s (%.1f %s/s)", self.desc, self.n, of, self.unit, rate, self.unit)
@@ -105,7 +107,7 @@ class progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.n:
+        elif self.n and self.n != self._last_logged:
             self._emit(time.monotonic())
 
     def __enter__(self) -> "progress":

@@ -65,3 +65,23 @@ def test_cli_help_lists_commands_with_examples(run_cli):
     assert "config" in proc.stdout
     proc = run_cli("config", "--help", check=True)
     assert "example" in proc.stdout
+
+
+def test_atomic_outputs_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from deephemnma.fileio import atomic_path, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+    # an error inside the block leaves nothing behind
+    try:
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -1,0 +1,70 @@
+"""``deephemnma animate``: the reference moved along the landscape axes; group centroid structures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "animate"
+ORDER = 85
+HELP = "animate the reference along the landscape axes (multi-model PDB for ChimeraX); group centroids"
+DESCRIPTION = (
+    "Map points along each landscape axis back to normal-mode amplitudes with the fitted\n"
+    "landscape model and displace the reference along the modes. Writes in --outdir:\n"
+    "axis_01.pdb, axis_02.pdb ... (one model per frame: ChimeraX 'open axis_01.pdb coordsets\n"
+    "true', then 'coordset #1'; chimerax.cxc opens and plays them all) and, with --groups, the\n"
+    "structure at each group's mean amplitudes (group_01_centroid.pdb ..., centroids.pdb).\n"
+    "--particles (the landscape STAR) makes each axis span the particles' range (quantiles);\n"
+    "without it, ±2 standard deviations. Settings: landscape.animation."
+)
+EXAMPLES = [
+    "deephemnma animate --model landscape.json --modes modes.npz --particles landscape.star "
+    "--groups groups/groups.csv --outdir animations/",
+]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, metavar="JSON", help="fitted landscape model (PCA)")
+    p.add_argument("--modes", required=True, metavar="FILE", help="normal modes of the reference (nma stage output; holds the atoms)")
+    p.add_argument("--particles", metavar="STAR", help="landscape STAR file: axes span the particles' coordinates")
+    p.add_argument("--groups", metavar="CSV", help="groups.csv of deephemnma groups: write centroid structures")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="output directory")
+
+
+def default_log(args) -> Path:
+    return Path(args.outdir) / "animate.log"
+
+
+def run(args, config: dict) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from ..star import pc_columns, read_star
+
+    from ..animate import centroid_structures, write_axis_animations
+    from ..errors import InputError
+    from ..fileio import require_file
+    from ..landscape import PCAModel, load_model
+    from ..nma import load_modes
+
+    model = load_model(args.model)
+    if not isinstance(model, PCAModel):
+        raise InputError(args.model, "animations need a PCA landscape model (a spectral embedding has no inverse map)")
+    ms = load_modes(require_file(args.modes, "modes file"))
+    atoms = ms.atoms()  # atoms or pseudoatoms, in the frame the modes were computed in
+    modes = {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
+    Y = None
+    if args.particles:
+        star = read_star(require_file(args.particles, "landscape STAR file"))
+        cols = pc_columns(star.particles)[: model.n_components]
+        Y = star.particles[cols].to_numpy(np.float64)
+    an = config["landscape"]["animation"]
+    paths = write_axis_animations(args.outdir, atoms, modes, model, Y, an["n_frames"], an["quantile"], an["bounce"])
+    if args.groups:
+        table = pd.read_csv(require_file(args.groups, "groups table"))
+        cols = [f"{c}_mean" for c in model.columns]
+        missing = [c for c in cols if c not in table.columns]
+        if missing:
+            raise InputError(args.groups, f"missing column(s) {', '.join(missing)}")
+        cents = {int(r["group"]): r[cols].to_numpy(np.float64) for _, r in table.iterrows() if int(r["group"]) > 0}
+        paths += centroid_structures(args.outdir, atoms, modes, model.columns, cents)
+    print(f"wrote {len(paths)} structure files to {args.outdir}")
+    return 0

@@ -1,0 +1,37 @@
+"""``deephemnma report``: one self-contained HTML page with the figures and tables of a results tree."""
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "report"
+ORDER = 95
+HELP = "HTML report of a results directory (figures embedded; works with whatever stages exist)"
+DESCRIPTION = (
+    "Assemble the figures and tables found in a results directory into one self-contained\n"
+    "HTML file (images embedded as base64 PNG): a section per stage present (normal modes,\n"
+    "alignment, training curves, outlier filter, landscape, groups, reconstructions with FSC,\n"
+    "evaluation, animations) and one for anything else. Missing stages are skipped.\n"
+    "Settings: landscape.report.title / max_table_rows."
+)
+EXAMPLES = ["deephemnma report --results results --out results/report.html"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--results", required=True, metavar="DIR", help="results directory")
+    p.add_argument("--out", required=True, metavar="HTML", help="output HTML file")
+
+
+def default_log(args) -> Path:
+    return Path(args.out).with_suffix(".log")
+
+
+def run(args, config: dict) -> int:
+    from ..errors import InputError
+    from ..report import build_report
+
+    if not Path(args.results).is_dir():
+        raise InputError(args.results, "results directory not found")
+    rc = config["landscape"]["report"]
+    out = build_report(args.results, args.out, rc["title"], rc["max_table_rows"], config["seed"])
+    print(f"report written to {out}")
+    return 0
