@@ -128,14 +128,16 @@ print(20 if "C++20 or later" in text else 17)')}"
     if [ -n "$TORCH_CUDA" ]; then
         CUDA_ROOT="${HOROVOD_CUDA_HOME:-${CUDA_HOME:-${CUDA_PATH:-}}}"
         if [ -z "$CUDA_ROOT" ]; then
-            for c in /usr/local/cuda "/usr/local/cuda-$TORCH_CUDA"; do
-                if [ -x "$c/bin/nvcc" ] && [ -f "$c/include/cuda_runtime.h" ]; then CUDA_ROOT="$c"; break; fi
+            for c in "${CONDA_PREFIX:-}" /usr/local/cuda "/usr/local/cuda-$TORCH_CUDA"; do
+                if [ -n "$c" ] && [ -x "$c/bin/nvcc" ] && { [ -f "$c/include/cuda_runtime.h" ] || \
+                        [ -f "$c/targets/x86_64-linux/include/cuda_runtime.h" ]; }; then CUDA_ROOT="$c"; break; fi
             done
         fi
         if [ -z "$CUDA_ROOT" ] && command -v nvcc >/dev/null 2>&1; then
             CUDA_ROOT="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
         fi
-        if [ -z "$CUDA_ROOT" ] || [ ! -f "$CUDA_ROOT/include/cuda_runtime.h" ]; then
+        if [ -z "$CUDA_ROOT" ] || { [ ! -f "$CUDA_ROOT/include/cuda_runtime.h" ] && \
+                [ ! -f "$CUDA_ROOT/targets/x86_64-linux/include/cuda_runtime.h" ]; }; then
             echo "install_horovod.sh: torch $TORCH_VERSION is a CUDA $TORCH_CUDA build; building Horovod against it needs" >&2
             echo "  the CUDA toolkit (nvcc, headers, cudart). Install it and set CUDA_HOME, or use a CPU build of torch." >&2
             exit 1

@@ -34,6 +34,18 @@ def test_model_outputs_and_paper_mlp(mode):
         assert branch.features.conv1.in_channels == 1
 
 
+def test_shared_mode_has_one_resnet_and_three_mlps():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_amplitudes=2, arch="resnet10", mode="shared")).eval()
+    out = model(torch.randn(3, 1, 32, 32))
+    assert out["amplitudes"].shape == (3, 2) and out["shifts"].shape == (3, 2)
+    assert torch.allclose(out["quaternion"], torch.nn.functional.normalize(out["quaternion_raw"], dim=-1))
+    shared = model.branches["shared"]
+    assert set(shared.mlps) == {"amplitudes", "quaternion", "shifts"}
+    n_resnets = sum(isinstance(m, torch.nn.Conv2d) and m.in_channels == 1 for m in model.modules())
+    assert n_resnets == 1
+
+
 def test_resnet34_is_the_feature_extractor():
     model = build_model(ModelConfig(n_amplitudes=2))
     f = model.branches["joint"].features
@@ -217,8 +229,8 @@ def test_step_sampler_accumulation_equals_ranks_and_resume():
 # ----------------------------------------------------------------------------- recipes
 def test_recipes_and_lr_schedules():
     paper = TrainSettings.from_config({"recipe": "paper"}, seed=1)
-    assert (paper.optimizer, paper.lr, paper.weight_decay, paper.batch_size, paper.epochs, paper.mode) == \
-        ("adam", 1e-5, 1e-5, 2, 400, "separate")
+    assert (paper.optimizer, paper.lr, paper.weight_decay, paper.batch_size, paper.epochs, paper.mode, paper.dropout) == \
+        ("adam", 1e-5, 1e-5, 2, 400, "separate", 0.5)
     spe = 10
     f = [lr_factor(s, 400 * spe, 0, paper, spe) for s in (0, 80 * spe - 1, 80 * spe, 160 * spe, 399 * spe)]
     assert f == pytest.approx([1, 1, 0.1, 0.01, 1e-4])

@@ -47,15 +47,30 @@ def add_arguments(p) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR/last.pt exists")
 
 
-def default_log(args) -> Path:
+def _launcher_rank() -> int:
+    """This process's rank as the launcher (horovodrun, torchrun, srun) tells it; 0 otherwise."""
     import os
 
-    rank = os.environ.get("HOROVOD_RANK") or os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return Path(args.out) / ("train.log" if rank == "0" else f"train.rank{rank}.log")
+    for var in ("HOROVOD_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def default_log(args) -> Path:
+    rank = _launcher_rank()
+    return Path(args.out) / ("train.log" if rank == 0 else f"train.rank{rank}.log")
 
 
 def run(args, config: dict) -> int:
+    from ..logs import setup_logging
     from ..network.train import TrainSettings, train
+
+    rank = _launcher_rank()
+    if rank and args.log:  # ranks > 0: their own log file, warnings only on the console
+        setup_logging(f"{args.log}.rank{rank}", verbose=args.verbose, quiet=True)
+    elif rank:
+        setup_logging(default_log(args), verbose=args.verbose, quiet=True)
 
     settings = TrainSettings.from_config(config.get("network", {}), seed=config.get("seed", 0))
     result = train(args.particles, args.out, settings, val_particles=args.val, data_dir=args.data_dir,

@@ -29,11 +29,11 @@ import torch
 from .. import geometry
 from ..errors import InputError
 from ..logs import get_logger
-from .targets import ANGLE_COLUMNS, ORIGIN_COLUMNS, TargetCodec, amplitude_modes
+from ..star import FLAG as FLAG_COLUMN
+from .targets import ANGLE_COLUMNS, ORIGIN_COLUMNS, TargetCodec, amplitude_column, amplitude_modes
 
 log = get_logger(__name__)
 
-FLAG_COLUMN = "dhnmaFlag"
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _require_labels(path: Path, table: pd.DataFrame) -> None:
                          + " (training needs HEMNMA angles and origins in Å)")
     if not amplitude_modes(table.columns):
         raise InputError(path, "no amplitude columns (_dhnmaAmplitudeNNN): training needs HEMNMA amplitudes")
-    cols = list(ANGLE_COLUMNS) + list(ORIGIN_COLUMNS) + [c for c in table.columns if str(c).startswith("dhnmaAmplitude")]
+    cols = list(ANGLE_COLUMNS) + list(ORIGIN_COLUMNS) + [amplitude_column(m) for m in amplitude_modes(table.columns)]
     vals = table[cols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     bad = ~np.isfinite(vals)
     if bad.any():

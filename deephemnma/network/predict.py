@@ -158,7 +158,7 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
     pred = predict_images(model, codec, ps.images, normalize=state["data"]["normalize"], batch_size=batch_size,
                           num_workers=num_workers, device=dev, amp=amp)
     table = add_predictions(star.particles, pred, codec)
-    write_star(out, table, star.optics)
+    write_star(out, table, star.optics, source=star.path, data_dir=data_dir)  # image paths rebased to out's directory
     t = pred["timing"]
     log.info("wrote %s: %d particles in %.1f s (%.0f particles/s)", out, len(table), t["seconds"], t["images_per_s"])
     return t

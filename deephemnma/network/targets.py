@@ -32,27 +32,14 @@ import pandas as pd
 import torch
 
 from .. import geometry
+from ..star import ANGLE_COLUMNS, ORIGIN_COLUMNS, amplitude_column
+from ..star import amplitude_modes as _amplitude_modes
 
-ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
-AMPLITUDE_PREFIX = "dhnmaAmplitude"
-
-
-def amplitude_column(mode: int) -> str:
-    """``dhnmaAmplitude007`` (the project's name, :func:`deephemnma.star.amplitude_column`)."""
-    try:
-        from ..star import amplitude_column as _ac
-    except ImportError:  # pragma: no cover - until deephemnma.star is on main
-        return f"{AMPLITUDE_PREFIX}{int(mode):03d}"
-    return _ac(mode)
 
 
 def amplitude_modes(columns) -> list[int]:
-    """Sorted mode numbers of the amplitude columns present."""
-    import re
-
-    pat = re.compile(rf"^{AMPLITUDE_PREFIX}(\d{{3}})$")
-    return sorted(int(m.group(1)) for c in columns if (m := pat.match(str(c))))
+    """Sorted mode numbers of the amplitude columns present (:func:`deephemnma.star.amplitude_modes`)."""
+    return _amplitude_modes(list(columns))
 
 
 @dataclass
