@@ -16,7 +16,7 @@ On a CUDA machine it uses the GPU with bf16 autocast and channels_last (target t
     python bench/bench_network.py                      # 128 and 64, defaults for the device
     python bench/bench_network.py --sizes 128 --n 50000 --batch 512 --workers 8   # a GPU node
 
-Writes bench/results/network.json.
+Writes bench/results/network.json (network_<N>thread.json with --threads N).
 """
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ def main() -> None:
     ap.add_argument("--mode", default="joint")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from deephemnma.network.data import load_particles
     from deephemnma.network.model import ModelConfig, build_model
@@ -119,7 +122,7 @@ def main() -> None:
              "other jobs were running (see loadavg).")
     if cuda:
         notes += f" Target on one H100: >= 20000 particles/s at 128² (got {figures['sizes'].get('128', {}).get('pipeline_particles_per_s')})."
-    write_result("network", figures, notes)
+    write_result("network" if not args.threads else f"network_{args.threads}thread", figures, notes)
 
 
 if __name__ == "__main__":

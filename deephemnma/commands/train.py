@@ -23,16 +23,21 @@ engine, batch size, epochs, ...).
 
 Engines (network.engine, default auto = from the launcher):
   single   deephemnma train ...
-  ddp      torchrun --standalone --nproc-per-node N -m deephemnma train ... --set network.engine=ddp
-  horovod  horovodrun -np N -H localhost:N --gloo python -m deephemnma train ... --set network.engine=horovod
-           (SLURM: srun with an MPI build, or srun with the gloo build: rank 0 hosts the rendezvous)
+  ddp      torchrun --standalone --nproc-per-node N -m deephemnma train ...
+  horovod  horovodrun -np N -H localhost:N --gloo python -m deephemnma train ...
+           SLURM: srun python -m deephemnma train ... (an MPI build of Horovod, or the gloo
+           build: rank 0 then hosts the rendezvous; set network.engine=horovod)
+torchrun and horovodrun (argparse) reject `--log` even after the command, as an ambiguous
+abbreviation of their own --log-* options ("ambiguous option: --log"): leave --log out
+(the log then goes to DIR/train.log and DIR/train.rankN.log) or wrap the command:
+  torchrun --no-python --standalone --nproc-per-node 2 sh -c "deephemnma train ... --log L"
+  horovodrun -np 2 -H localhost:2 --gloo sh -c "deephemnma train ... --log L"
 network.batch_size is per rank; the learning rate is multiplied by the number of ranks
-(network.scale_lr: linear)."""
+(network.scale_lr: linear). Ranks other than 0 log to <log>.rankN."""
 EXAMPLES = [
     "deephemnma train --particles set1_filtered.star --out results/network",
     "deephemnma train --particles chunk_000.star chunk_001.star --val val.star --out net --set network.recipe=paper",
-    "horovodrun -np 2 -H localhost:2 --gloo python -m deephemnma train --particles set1.star --out net "
-    "--set network.engine=horovod",
+    "horovodrun -np 2 -H localhost:2 --gloo python -m deephemnma train --particles set1.star --out net",
 ]
 
 
