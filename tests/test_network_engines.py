@@ -129,3 +129,42 @@ def test_horovod_two_ranks_equal_single_process(setup, reference):
     _check([torch.load(d / "hvd" / f"rank{r}.pt", weights_only=True) for r in range(2)], reference)
     # rank 0 alone wrote the checkpoint and the logs
     assert (d / "hvd" / "last.pt").exists() and (d / "hvd" / "metrics.csv").exists()
+
+
+SRUN_TASK = r'''
+import sys
+import numpy as np
+from deephemnma.network.engines import detect_engine, make_engine
+e = make_engine(sys.argv[1], "cpu")
+print("RESULT", detect_engine(), e.name, e.rank, e.world_size, e.local_size, float(e.all_sum(np.array([e.rank + 1.0]))[0]), flush=True)
+e.close()
+'''
+
+
+@pytest.mark.parametrize("engine", ["ddp", "horovod"])
+def test_srun_tasks_start_a_distributed_engine(engine, tmp_path):
+    """Two tasks with the environment srun gives its tasks (no torchrun, no horovodrun): the
+    engine finds its rank and world size from SLURM, Horovod's gloo rendezvous is hosted by
+    rank 0, and a collective sums over both tasks."""
+    if engine == "horovod" and _horovodrun() is None:
+        pytest.skip("horovod.torch is not installed (scripts/install_horovod.sh builds it)")
+    script = tmp_path / "task.py"
+    script.write_text(SRUN_TASK)
+    host = os.uname().nodename
+    procs = []
+    for r in range(2):
+        env = dict(_env(), SLURM_JOB_ID=str(4000 + os.getpid() % 500 + (engine == "ddp")), SLURM_STEP_ID="0",
+                   SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NODEID="0", SLURM_NTASKS="2",
+                   SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2",
+                   SLURM_JOB_NODELIST=host, SLURMD_NODENAME=host)
+        procs.append(subprocess.Popen([sys.executable, str(script), "auto" if engine == "horovod" else engine],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = sorted(next(l for l in out.splitlines() if l.startswith("RESULT")).split()[1:] for out, _ in outs)
+    for r, res in enumerate(results):
+        detected, name, rank, world, local, total = res
+        assert (name, int(rank), int(world), int(local), float(total)) == (engine, r, 2, 2, 3.0)
+        if engine == "horovod":
+            assert detected == "horovod"  # auto under an srun step with several tasks

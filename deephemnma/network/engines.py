@@ -30,16 +30,16 @@ Launching
 * ``single``: ``deephemnma train ...``.
 * ``ddp``: ``torchrun --standalone --nproc-per-node N -m deephemnma train ... --set
   network.engine=ddp`` (gloo on CPU, NCCL on GPU; one GPU per rank = ``LOCAL_RANK``).
-  Under SLURM without torchrun, ``srun`` tasks are recognised (SLURM_PROCID/SLURM_NTASKS;
+  Under SLURM without torchrun, ``srun`` tasks are recognised (SLURM_PROCID/SLURM_STEP_NUM_TASKS;
   MASTER_ADDR defaults to the first node of the job, MASTER_PORT to 29500 + job id mod 1000).
 * ``horovod``: ``horovodrun -np N -H localhost:N --gloo python -m deephemnma train ... --set
   network.engine=horovod`` on one node; across nodes ``horovodrun -np N -H h1:4,h2:4``
   (needs ssh) or, with an MPI build of Horovod, ``srun python -m deephemnma train ...``.
   A gloo-only build under ``srun`` is bootstrapped here: rank 0 starts Horovod's gloo
   rendezvous server (see :func:`_horovod_gloo_bootstrap_from_slurm`).
-* ``auto`` picks ``horovod`` when started by horovodrun/mpirun (HOROVOD_RANK, OMPI_*/PMI_*
-  with Horovod importable), ``ddp`` under torchrun (TORCHELASTIC_RUN_ID or RANK/WORLD_SIZE),
-  else ``single``.
+* ``auto`` picks ``horovod`` when started by horovodrun (HOROVOD_RANK), ``ddp`` under
+  torchrun (TORCHELASTIC_RUN_ID or RANK/WORLD_SIZE); under mpirun or an srun step with
+  several tasks, ``horovod`` if it is installed, else ``ddp``; otherwise ``single``.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class DDPEngine(Engine):
         import torch.distributed as dist
 
         env = os.environ
-        if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        if "RANK" not in env and slurm_step_tasks() > 1:
             _ddp_env_from_slurm()
         if "RANK" not in env or "WORLD_SIZE" not in env:
             raise ConfigError("engine ddp needs RANK and WORLD_SIZE: launch with torchrun "
@@ -224,6 +224,16 @@ class DDPEngine(Engine):
             self.dist.destroy_process_group()
 
 
+def slurm_step_tasks() -> int:
+    """Tasks of the current srun job step (1 outside SLURM, or in a batch script: there
+    SLURM_NTASKS describes the allocation, not processes that are running)."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:  # srun sets SLURM_STEP_ID for its tasks
+        return 1
+    n = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    return int(n) if n.isdigit() else 1
+
+
 def _slurm_hostnames() -> list[str]:
     """The job's node names in order (``scontrol show hostnames``; this node if unavailable)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
@@ -246,10 +256,11 @@ def _slurm_first_host() -> str:
 def _ddp_env_from_slurm() -> None:
     env = os.environ
     env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["WORLD_SIZE"] = str(slurm_step_tasks())
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "SLURM_NTASKS_PER_NODE" in env and env["SLURM_NTASKS_PER_NODE"].split("(")[0].isdigit():
-        env["LOCAL_WORLD_SIZE"] = env["SLURM_NTASKS_PER_NODE"].split("(")[0]
+    per_node = _expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"),
+                                      int(env.get("SLURM_NODEID", "0")) + 1)
+    env["LOCAL_WORLD_SIZE"] = str(per_node[int(env.get("SLURM_NODEID", "0"))])
     env.setdefault("MASTER_ADDR", _slurm_first_host())
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
 
@@ -274,8 +285,8 @@ class HorovodEngine(Engine):
         self.world_size = hvd.size()
         self.local_rank = hvd.local_rank()
         self.local_size = hvd.local_size()
-        ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
-        if self.world_size == 1 and ntasks > 1 and "SLURM_PROCID" in os.environ:
+        ntasks = slurm_step_tasks()
+        if self.world_size == 1 and ntasks > 1:
             raise ConfigError(f"engine horovod: srun started {ntasks} tasks but Horovod sees one rank; "
                               "use horovodrun, or an MPI build of Horovod with srun --mpi=pmix")
         self.device = _pick_device(device, self.local_rank)
@@ -334,14 +345,14 @@ def _horovod_gloo_bootstrap_from_slurm(hvd) -> None:
     """Let ``srun`` start a gloo-only Horovod job without horovodrun.
 
     horovodrun normally runs a rendezvous HTTP server and passes each rank its place in
-    HOROVOD_* variables. Under srun (SLURM_PROCID/SLURM_NTASKS > 1, no HOROVOD_RANK, no MPI
+    HOROVOD_* variables. Under srun (a job step with several tasks, no HOROVOD_RANK, no MPI
     in this Horovod build) rank 0 starts the same server (horovod.runner's
     RendezvousServer) on MASTER_ADDR:HOROVOD_GLOO_RENDEZVOUS_PORT and every rank sets the
     variables from SLURM's. Nothing happens outside SLURM or under horovodrun/MPI.
     """
     env = os.environ
-    ntasks = int(env.get("SLURM_NTASKS", "1"))
-    if ntasks <= 1 or "SLURM_PROCID" not in env or "HOROVOD_RANK" in env:
+    ntasks = slurm_step_tasks()
+    if ntasks <= 1 or "HOROVOD_RANK" in env:
         return
     if hvd.mpi_built() and any(k in env for k in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")):
         return  # srun --mpi=pmix with an MPI build: Horovod initialises through MPI
@@ -350,7 +361,8 @@ def _horovod_gloo_bootstrap_from_slurm(hvd) -> None:
     host = env.get("SLURMD_NODENAME") or os.uname().nodename
     # Hosts and slots, without a communicator: from SLURM's task layout.
     nodes = _slurm_hostnames()
-    per_node = _expand_tasks_per_node(env.get("SLURM_TASKS_PER_NODE", str(ntasks)), len(nodes))
+    per_node = _expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", str(ntasks)),
+                                      len(nodes))
     addr = env.get("MASTER_ADDR") or nodes[0]
     port = int(env.get("HOROVOD_GLOO_RENDEZVOUS_PORT", 29400 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
     node_index = nodes.index(host) if host in nodes else int(env.get("SLURM_NODEID", "0"))
@@ -417,12 +429,12 @@ def detect_engine() -> str:
         return "horovod"
     if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env):
         return "ddp"
-    if any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
-        try:
+    if any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")) or slurm_step_tasks() > 1:
+        try:  # mpirun / srun with several tasks: Horovod if it is installed, else DDP over srun
             import horovod.torch  # noqa: F401
             return "horovod"
         except ImportError:
-            pass
+            return "ddp" if slurm_step_tasks() > 1 else "single"
     return "single"
 
 
