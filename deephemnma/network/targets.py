@@ -14,11 +14,13 @@ Losses (:func:`head_losses`): L1 (the paper's mean absolute error) per head, eac
 by the loss of the best constant prediction on the training set (``TargetCodec.baseline``:
 about 0.8 for standardised amplitudes and shifts, 0.1–0.4 for quaternions depending on how
 spread the orientations are), so that 1.0 means "no better than predicting the mean" for
-every head and the joint model's weighted sum is balanced. Without this the quaternion,
-whose L1 is several times smaller, is ignored by a shared network (measured: its
-orientation error stayed at the mean-prediction level for 18 epochs while shifts and
-amplitudes were learnt). The quaternion L1 is taken on the raw (unnormalised) output, so
-the normalisation does not damp its gradient; predictions are normalised.
+every head and the joint model's weighted sum is balanced: the quaternion's L1 is several
+times smaller than the others'. The quaternion L1 is taken on the raw (unnormalised)
+output, so the normalisation does not damp its gradient; predictions are normalised.
+(Measured on toy sets: with equal raw weights, the normalised-quaternion loss and dropout
+0.5, a joint model's orientation error stayed at the mean-prediction level for 18 epochs
+while shifts and amplitudes were learnt; with these choices and no dropout it fell to 39 %
+of it in 18 epochs.)
 
 :class:`TargetCodec` holds the statistics and the mode list; it is stored in every
 checkpoint (``to_dict``/``from_dict``) so prediction needs nothing else.
