@@ -94,6 +94,10 @@ def third_party_closure(start: str) -> set[str]:
 def env_packages(env_file: Path) -> set[str]:
     doc = yaml.safe_load(env_file.read_text())
     names = set()
+    # a package built after the environment is created (Snakemake's <env>.post-deploy.sh)
+    post = env_file.with_name(env_file.stem + ".post-deploy.sh")
+    if post.is_file() and "install_horovod.sh" in post.read_text():
+        names.add("horovod")
     for dep in doc.get("dependencies", []):
         if isinstance(dep, dict):
             for p in dep.get("pip", []):

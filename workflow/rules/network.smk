@@ -25,7 +25,7 @@ def train_launch(wildcards, threads):
     if launcher == "auto":
         launcher = "srun" if os.environ.get("SLURM_JOB_ID") else ("horovodrun" if engine == "horovod" else "torchrun")
     if launcher == "srun":  # the job holds the tasks (resources tasks/nodes/mpi below)
-        return f"srun --ntasks={n} --cpus-per-task={max(1, threads // max(1, n // TRAIN_NODES))} {DH}"
+        return f"srun --ntasks={n} --cpus-per-task={threads} {DH}"
     if launcher == "horovodrun":
         return f"{Path(PY).parent}/horovodrun -np {n} -H localhost:{n} --gloo {DH}"
     return f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n} -m deephemnma"
@@ -45,7 +45,7 @@ rule train:
         log_of("train"),
     benchmark:
         bench_of("train")
-    threads: 2
+    threads: 1  # per rank (SLURM: --cpus-per-task of each of the job's tasks)
     resources:
         mem_mb=8000,
         runtime=24 * 60,
@@ -55,8 +55,10 @@ rule train:
     conda:
         "../../envs/horovod.yaml"
     shell:
-        "{params.launch} train --particles {input.star} --out {OUT}/network --config {input.cfg} "
-        "--threads {threads} --log {log}"
+        # the log file goes by environment variable: launchers (horovodrun, torchrun) take
+        # `--log…` options after the command for their own
+        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --out {OUT}/network "
+        "--config {input.cfg} --threads {threads}"
 
 
 rule predict:
