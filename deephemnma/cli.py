@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -45,7 +46,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="YAML", help="configuration file (default: the schema's defaults)")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one configuration value, e.g. --set nma.cutoff=10 (repeatable)")
-    g.add_argument("--log", metavar="FILE", help="log file (default: beside the main output)")
+    g.add_argument("--log", metavar="FILE",
+                   help="log file (default: $DEEPHEMNMA_LOG, else beside the main output)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: SLURM_CPUS_PER_TASK or all cores)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import set_threads
 
     args.threads = set_threads(args.threads)
-    log_file = args.log
+    log_file = args.log or os.environ.get("DEEPHEMNMA_LOG") or None  # the env var passes launchers (horovodrun)
     if log_file is None and hasattr(mod, "default_log"):
         log_file = mod.default_log(args)
     setup_logging(log_file, verbose=args.verbose, quiet=args.quiet)

@@ -1,7 +1,7 @@
 """Accuracy against ground truth (synthetic data): the paper's metrics, and map FSCs.
 
-* :func:`atoms_to_volume` — atoms as 3-D Gaussians rasterised into a voxel map (the map
-  "simulated from a structure" against which group reconstructions are compared).
+* :func:`centroid_map` — the map "simulated from a structure" against which group
+  reconstructions are compared (atoms rasterised by :func:`deephemnma.density.atoms_to_volume`).
 * :func:`load_ground_truth` — a CSV or STAR table keyed by ``rlnImageName`` with the true
   amplitudes (``dhnmaAmplitude007`` …), angles (``rlnAngleRot/Tilt/Psi``) and shifts
   (``rlnOriginX/YAngst``).
@@ -24,39 +24,14 @@ import pandas as pd
 
 from . import fsc as fscmod
 from .errors import InputError
+from .density import atoms_to_volume
 from .geometry import angular_error, euler_to_matrix
+from .star import ANGLE_COLUMNS, IMAGE_NAME, ORIGIN_COLUMNS, ORIGINAL_IMAGE_NAME
 
-IMAGE_NAME = "rlnImageName"
-ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-ORIGINS = ["rlnOriginXAngst", "rlnOriginYAngst"]
-
-
-# ------------------------------------------------------------------------- rasterising
-def atoms_to_volume(coords, weights=None, sigma: float = 1.0, box: int = 64, pixel_size: float = 1.0,
-                    chunk: int = 512) -> np.ndarray:
-    """Rasterise atoms (N, 3) Å — relative to the box centre, voxel ``box//2`` — as isotropic
-    Gaussians of standard deviation ``sigma`` Å and integrated density ``weights`` (default 1):
-    each voxel holds the density at its centre × voxel volume, so the map sums to ≈ Σ weights.
-    Separable: per atom three 1-D profiles, combined by a batched outer product. Returns
-    float32 [z, y, x]. The projection of this map matches
-    :func:`deephemnma.projection.project_gaussians` with the same atoms."""
-    X = np.asarray(coords, np.float64).reshape(-1, 3)
-    w = np.ones(len(X)) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), (len(X),))
-    s = float(sigma) / pixel_size
-    g = np.arange(box) - box // 2
-    vol = np.zeros((box, box, box), np.float64)
-    norm = (2 * np.pi * s * s) ** 1.5
-    for a in range(0, len(X), chunk):
-        x = X[a:a + chunk] / pixel_size
-        px = np.exp(-0.5 * ((g[None, :] - x[:, 0:1]) / s) ** 2)  # (n, box)
-        py = np.exp(-0.5 * ((g[None, :] - x[:, 1:2]) / s) ** 2)
-        pz = np.exp(-0.5 * ((g[None, :] - x[:, 2:3]) / s) ** 2) * (w[a:a + chunk, None] / norm)
-        yx = py[:, :, None] * px[:, None, :]  # (n, box, box)
-        vol += np.tensordot(pz, yx, axes=(0, 0))
-    return vol.astype(np.float32)
+ANGLES = list(ANGLE_COLUMNS)
+ORIGINS = list(ORIGIN_COLUMNS)
 
 
-# ------------------------------------------------------------------------- ground truth
 def load_ground_truth(path) -> pd.DataFrame:
     """Ground-truth table (CSV or STAR) keyed by ``rlnImageName`` (a leading underscore in
     CSV headers is accepted)."""
@@ -82,12 +57,14 @@ def load_ground_truth(path) -> pd.DataFrame:
 
 
 def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of ``truth`` in the order of ``pred`` (by ``rlnImageName``); particles without
-    ground truth are an error."""
-    idx = pd.Index(truth[IMAGE_NAME]).get_indexer(pred[IMAGE_NAME])
+    """Rows of ``truth`` in the order of ``pred``, matched by image name: the original
+    ``rlnImageName`` kept by preprocess (``dhnmaOriginalImageName``) when ``pred`` has it,
+    else ``rlnImageName``. Particles without ground truth are an error."""
+    key = ORIGINAL_IMAGE_NAME if ORIGINAL_IMAGE_NAME in pred.columns else IMAGE_NAME
+    idx = pd.Index(truth[IMAGE_NAME]).get_indexer(pred[key])
     if (idx < 0).any():
         i = int(np.flatnonzero(idx < 0)[0])
-        raise InputError(source, f"particle {pred[IMAGE_NAME].iloc[i]} has no ground truth", row=i + 1)
+        raise InputError(source, f"particle {pred[key].iloc[i]} has no ground truth", row=i + 1)
     return pred.reset_index(drop=True), truth.iloc[idx].reset_index(drop=True)
 
 
@@ -209,7 +186,7 @@ def centroid_map(ref_coords, mode_vectors, amplitudes, weights, sigma: float, bo
     w = np.ones(len(X0)) if weights is None else np.asarray(weights, np.float64)
     c = np.average(X0, axis=0, weights=w) if centre is None else np.asarray(centre, np.float64)
     X = X0 + np.einsum("m,mnk->nk", np.asarray(amplitudes, np.float64), np.asarray(mode_vectors, np.float64))
-    return atoms_to_volume(X - c, w, sigma, box, pixel_size)
+    return atoms_to_volume(X - c, box=box, pixel_size=pixel_size, weights=w, sigma=sigma)
 
 
 def evaluate_group_maps(groups: dict[int, np.ndarray], maps: dict[int, tuple[np.ndarray, float]], ref_coords,

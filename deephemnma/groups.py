@@ -274,11 +274,13 @@ def group_file(outdir, g: int):
 
 
 def export_groups(outdir, particles: pd.DataFrame, optics: pd.DataFrame | None, labels: np.ndarray,
-                  summary: pd.DataFrame, details: dict | None = None, write_all: bool = True) -> dict:
+                  summary: pd.DataFrame, details: dict | None = None, write_all: bool = True,
+                  source=None) -> dict:
     """Write ``group_NN.star`` per group, ``dropped.star`` (label 0), ``particles.star``
     (everything, with ``dhnmaGroup``), ``groups.csv`` (summary) and ``groups.json``
     (the list of files, counts, method details). Every STAR keeps all columns and the optics
-    table. Returns the JSON content."""
+    table; image paths are rebased from ``source`` (the STAR the particles were read from).
+    Returns the JSON content."""
     from pathlib import Path
 
     from .star import GROUP, write_star
@@ -299,12 +301,12 @@ def export_groups(outdir, particles: pd.DataFrame, optics: pd.DataFrame | None, 
         if len(idx) == 0:
             continue
         p = group_file(outdir, g)
-        write_star(p, table.iloc[idx], optics)
+        write_star(p, table.iloc[idx], optics, source=source)
         files[g] = p.name
     dropped_idx = order[bounds[0]:bounds[1]]
-    write_star(outdir / "dropped.star", table.iloc[dropped_idx], optics)
+    write_star(outdir / "dropped.star", table.iloc[dropped_idx], optics, source=source)
     if write_all:
-        write_star(outdir / "particles.star", table, optics)
+        write_star(outdir / "particles.star", table, optics, source=source)
     with atomic_path(outdir / "groups.csv") as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
     doc = {"n_particles": int(len(labels)), "n_groups": len(files), "n_dropped": int(len(dropped_idx)),

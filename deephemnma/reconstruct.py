@@ -212,14 +212,16 @@ def fsc_regularisation(acc: FourierAccumulator, curve: fscmod.FSCCurve) -> np.nd
 
 # ------------------------------------------------------------------------------ main
 def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: int = 0, data_dir=None,
-                     ignore_shifts: bool = False, indices=None, pixel_size: float | None = None) -> Reconstruction:
+                     ignore_shifts: bool = False, indices=None, pixel_size: float | None = None,
+                     images: ParticleImages | None = None) -> Reconstruction:
     """Reconstruct the particles of ``star`` (a StarData) with half maps and FSC.
 
     ``indices``: optional subset of rows. ``ignore_shifts``: treat all origins as 0 (for data
     whose STAR lists shifts the images do not carry). ``pixel_size``: the pixel size (Å) of
     the images read, overriding the optics table (e.g. when the table describes downscaled
     copies of the stacks named in ``rlnImageName``); the optics' ``rlnImageSize`` is then not
-    checked."""
+    checked. ``images``: read the particles from these images (one per STAR row) instead of
+    ``rlnImageName`` — e.g. :func:`deephemnma.preprocess.original_images` (give ``pixel_size``)."""
     settings = settings or ReconstructSettings()
     t0 = time.perf_counter()
     source = star.path
@@ -229,7 +231,8 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     n = len(df)
     if n < 2:
         raise InputError(source, f"need at least 2 particles to reconstruct half maps, got {n}")
-    images = ParticleImages.from_star(star, data_dir=data_dir)
+    if images is None:
+        images = ParticleImages.from_star(star, data_dir=data_dir)
     rows = np.arange(len(star.particles)) if indices is None else np.asarray(indices)
     box = images.box
     if box % 2:

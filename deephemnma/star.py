@@ -158,6 +158,11 @@ SCORE = "dhnmaScore"
 CONVERGED = "dhnmaConverged"
 FLAG = "dhnmaFlag"
 GROUP = "dhnmaGroup"
+#: written by ``deephemnma preprocess``: each particle's input ``rlnImageName`` (verbatim; the
+#: key of ground-truth tables) and the pixel size of those original images
+ORIGINAL_IMAGE_NAME = "dhnmaOriginalImageName"
+ORIGINAL_PIXEL_SIZE = "dhnmaOriginalPixelSize"
+CTF_PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"
 
 #: dhnmaFlag bits
 FLAG_NOT_CONVERGED = 1
@@ -1052,18 +1057,60 @@ def _write_loop(fh, name: str, df: pd.DataFrame, *, float_format: str | None, ch
     fh.write(b"\n")
 
 
+def rebase_image_names(particles: pd.DataFrame, source: str | os.PathLike, target: str | os.PathLike,
+                       data_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """``particles`` with relative ``rlnImageName`` paths re-expressed for a STAR file at
+    ``target``: each stack is resolved as a reader of ``source`` (the STAR file the names
+    were read from, with ``data_dir``) resolves it, and written relative to ``target``'s
+    directory. Absolute paths, names whose stack cannot be found and tables without the
+    column are left as they are. The input is not modified."""
+    if IMAGE_NAME not in particles.columns or len(particles) == 0:
+        return particles
+    source, target = Path(source), Path(target)
+    if data_dir is None and Path(os.path.abspath(source)).parent == Path(os.path.abspath(target)).parent:
+        return particles
+    names = particles[IMAGE_NAME].astype(str)
+    split = _split_image_names_arrow(names)
+    tmp = StarData(particles[[IMAGE_NAME]], pd.DataFrame(), source, "3.1")
+    nums, codes, uniques = split if split is not None else _split_image_names_pandas(tmp, names)
+    bases = _search_bases(source, data_dir)
+    out_dir = Path(os.path.abspath(target)).parent
+    new = []
+    for rel in uniques:
+        p = Path(rel)
+        found = None if p.is_absolute() else next((c for c in _candidates(p, source, data_dir, bases) if c.is_file()), None)
+        new.append(rel if found is None else os.path.relpath(found, out_dir))
+    has_at = names.str.contains("@", regex=False).to_numpy()
+    stacks = np.asarray(new, dtype=object)[codes]
+    rebased = np.where(has_at, pd.Series(nums).map("{:06d}".format).to_numpy(dtype=object) + "@" + stacks, stacks)
+    out = particles.copy()
+    out[IMAGE_NAME] = rebased
+    return out
+
+
+def count_particles(path: str | os.PathLike) -> int:
+    """Number of particles in a STAR file, streaming (bounded memory; for planning jobs)."""
+    return sum(len(chunk) for chunk in iter_particles(path, chunksize=500_000))
+
+
 def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.DataFrame | None, *,
                version_comment: bool = True, float_format: str | None = None,
-               chunk_rows: int = 100_000) -> Path:
+               chunk_rows: int = 100_000, source: str | os.PathLike | None = None,
+               data_dir: str | os.PathLike | None = None) -> Path:
     """Write ``optics`` and ``particles`` as a RELION 3.1+ STAR file, atomically.
 
     Every column is written. ``float_format=None`` (default) writes the shortest exact
     representation of each float; ``"%.6f"`` gives RELION's own look. ``optics=None``
     writes only ``data_particles`` (not a valid RELION 3.1 particle file; for plain tables).
+    ``source``: the STAR file the rows were read from; relative image paths are then
+    rewritten so that they resolve from the new file's directory
+    (:func:`rebase_image_names`) — pass it whenever writing into another directory.
     """
     from .fileio import atomic_path
 
     path = Path(path)
+    if source is not None:
+        particles = rebase_image_names(particles, source, path, data_dir)
     for name, df in (("particles", particles), ("optics", optics)):
         if df is None:
             continue
@@ -1083,5 +1130,40 @@ def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.Data
 
 
 def write_star_data(path: str | os.PathLike, star: StarData, **kw) -> Path:
-    """``write_star(path, star.particles, star.optics)``."""
+    """``write_star(path, star.particles, star.optics, source=star.path)``."""
+    kw.setdefault("source", star.path)
     return write_star(path, star.particles, star.optics, **kw)
+
+
+def concat_stars(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> StarData:
+    """Concatenate particle STAR files (e.g. per-chunk outputs) in the given order into
+    ``out``, image paths rebased. The optics tables must agree (same groups and values)."""
+    from .errors import InputError
+
+    if not paths:
+        raise ValueError("no STAR files to concatenate")
+    stars = [read_star(p) for p in paths]
+    optics = stars[0].optics
+    for st in stars[1:]:
+        if not _same_optics(optics, st.optics):
+            raise InputError(st.path, f"optics table differs from that of {stars[0].path}")
+    parts = [rebase_image_names(st.particles, st.path, out) for st in stars]
+    cols = list(dict.fromkeys(c for p in parts for c in p.columns))
+    missing = [(st.path, [c for c in cols if c not in p.columns]) for st, p in zip(stars, parts)]
+    for path, miss in missing:
+        if miss:
+            raise InputError(path, f"missing column(s) {', '.join('_' + c for c in miss)} present in other inputs")
+    table = pd.concat([p[cols] for p in parts], ignore_index=True)
+    write_star(out, table, optics)
+    return StarData(table, optics, Path(out), "3.1")
+
+
+def _same_optics(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        return False
+    try:
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False,
+                                      rtol=1e-9)
+    except AssertionError:
+        return False
+    return True

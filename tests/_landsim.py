@@ -3,7 +3,7 @@
 Particles are drawn with the ANALYTIC Gaussian-atom projector (``project_gaussians``), an
 independent forward model from the Fourier-slice back-projection under test, modulated by a
 RELION CTF, and written as a RELION 3.1 STAR + MRC stack with ``starfile``/``mrcfile``.
-The true map is the same atoms rasterised into voxels (``evaluate.atoms_to_volume``).
+The true map is the same atoms rasterised into voxels (``density.atoms_to_volume``).
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import torch
 
 from deephemnma.config import validate_config
 from deephemnma.nma import run_nma
-from deephemnma.evaluate import (atoms_to_volume, best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
+from deephemnma.density import atoms_to_volume
+from deephemnma.evaluate import (best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
                                  parameter_errors, shift_volume, summarise_errors)
 from deephemnma.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from deephemnma.projection import FourierSliceProjector, project_gaussians
@@ -67,7 +68,7 @@ def test_atoms_to_volume_matches_projector():
     rng = np.random.default_rng(1)
     X = rng.normal(0, 5, (40, 3))
     w = rng.uniform(1, 8, 40)
-    vol = atoms_to_volume(X, w, 1.8, 40, 1.2)
+    vol = atoms_to_volume(X, box=40, pixel_size=1.2, weights=w, sigma=1.8)
     assert vol.dtype == np.float32 and vol.shape == (40, 40, 40)
     assert vol.sum() == pytest.approx(w.sum(), rel=1e-3)
     g = (np.arange(40) - 20) * 1.2

@@ -15,7 +15,7 @@ from deephemnma.star import merged, read_star
 from deephemnma.mrc import ParticleImages
 from deephemnma.ctf import CTFParams, compute_ctf, phase_flip
 from deephemnma.errors import InputError
-from deephemnma.evaluate import atoms_to_volume
+from deephemnma.density import atoms_to_volume
 from deephemnma.projection import FourierSliceProjector
 from deephemnma.reconstruct import ReconstructSettings, half_set_labels, poses_from_table, reconstruct_star
 
@@ -70,7 +70,7 @@ def test_toy_projections_reconstruct_and_reproject(peer_dir):
 def sim(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
     s = simulate_particles(tmp, n=600, box=32, pix=1.5, ctf=True, shift_px=3.0)
-    s["truth"] = atoms_to_volume(s["coords"], s["weights"], s["sigma"], s["box"], s["pix"])
+    s["truth"] = atoms_to_volume(s["coords"], box=s["box"], pixel_size=s["pix"], weights=s["weights"], sigma=s["sigma"])
     return s
 
 
@@ -172,7 +172,7 @@ def test_fsc_identical_independent_and_resolution():
 def test_masked_fsc_removes_mask_correlation():
     rng = np.random.default_rng(1)
     box = 32
-    signal = atoms_to_volume(rng.normal(scale=4.0, size=(20, 3)), 1.0, 2.5, box, 1.0)
+    signal = atoms_to_volume(rng.normal(scale=4.0, size=(20, 3)), box=box, pixel_size=1.0, weights=1.0, sigma=2.5)
     noise = 0.02 * signal.max()
     h1 = signal + noise * rng.standard_normal(signal.shape)
     h2 = signal + noise * rng.standard_normal(signal.shape)

@@ -545,3 +545,36 @@ def test_writer_without_pyarrow_writes_the_same_values(tmp_path, monkeypatch):
     a, b = S.read_star(tmp_path / "arrow.star"), S.read_star(tmp_path / "plain.star")
     pd.testing.assert_frame_equal(a.particles, b.particles, check_exact=True)
     pd.testing.assert_frame_equal(b.particles, df, check_exact=True)
+
+
+def test_write_elsewhere_rebases_image_paths(tmp_path):
+    """A STAR written into another directory with ``source=`` still finds its images."""
+    from deephemnma.mrc import ParticleImages, write_stack
+    from deephemnma.star import concat_stars, count_particles, read_star, write_star
+
+    (tmp_path / "a" / "stacks").mkdir(parents=True)
+    imgs = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    write_stack(tmp_path / "a" / "stacks" / "s.mrcs", imgs, 1.5)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["g"], "rlnImagePixelSize": [1.5],
+                           "rlnImageSize": [4], "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i:06d}@stacks/s.mrcs" for i in (1, 2, 3)], "rlnOpticsGroup": 1,
+                          "rlnAngleRot": [1.0, 2.0, 3.0]})
+    src = write_star(tmp_path / "a" / "in.star", parts, optics)
+    star = read_star(src)
+    out = write_star(tmp_path / "b" / "deep" / "out.star", star.particles.iloc[[2, 0]], star.optics, source=src)
+    back = read_star(out)
+    assert back.particles["rlnImageName"].tolist() == ["000003@../../a/stacks/s.mrcs", "000001@../../a/stacks/s.mrcs"]
+    np.testing.assert_array_equal(ParticleImages.from_star(back).read([0, 1]), imgs[[2, 0]])
+    # concatenation of two chunk files written in different directories
+    write_star(tmp_path / "a" / "part2.star", star.particles.iloc[[1]], star.optics)
+    merged_star = concat_stars([out, tmp_path / "a" / "part2.star"], tmp_path / "c" / "all.star")
+    assert count_particles(tmp_path / "c" / "all.star") == 3
+    np.testing.assert_array_equal(ParticleImages.from_star(read_star(merged_star.path)).read([0, 1, 2]), imgs[[2, 0, 1]])
+    # differing optics tables are refused, naming the file
+    other = optics.copy()
+    other["rlnVoltage"] = 200.0
+    write_star(tmp_path / "a" / "other.star", star.particles.iloc[[1]], other)
+    with pytest.raises(InputError, match="other.star: optics table differs"):
+        concat_stars([out, tmp_path / "a" / "other.star"], tmp_path / "c" / "bad.star")
+    assert not (tmp_path / "c" / "bad.star").exists()

@@ -43,10 +43,10 @@ def run(args, config: dict) -> int:
     kept_path = Path(args.kept)
     dropped_path = Path(args.dropped) if args.dropped else kept_path.with_name(kept_path.stem + "_dropped.star")
     summary_path = Path(args.summary) if args.summary else kept_path.with_suffix(".json")
-    write_star(dropped_path, dropped, star.optics)
+    write_star(dropped_path, dropped, star.optics, source=star.path)
     atomic_write_json(summary_path, {"input": str(star.path), "kept": str(kept_path), "dropped": str(dropped_path),
                                      **filt.to_dict()})
-    write_star(kept_path, kept, star.optics)
+    write_star(kept_path, kept, star.optics, source=star.path)
     print(f"kept {filt.info['n_kept']} of {filt.info['n_input']} particles, dropped {filt.info['n_dropped']} "
           f"(Mahalanobis distance > {filt.threshold:g})")
     return 0

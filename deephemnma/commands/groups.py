@@ -53,7 +53,8 @@ def run(args, config: dict) -> int:
     labels, details = assign_groups(Y, gs, config["seed"])
     amp_cols = amplitude_columns(star.particles)
     summary = summarise_groups(labels, Y, star.particles[amp_cols].to_numpy(np.float64) if amp_cols else None, amp_cols)
-    doc = export_groups(args.outdir, star.particles, star.optics, labels, summary, details, write_all=not args.no_all)
+    doc = export_groups(args.outdir, star.particles, star.optics, labels, summary, details, write_all=not args.no_all,
+                        source=star.path)
     plots.landscape(Path(args.outdir) / "landscape_groups.png", Y, labels, density=section["plots"]["density"],
                     max_points=section["plots"]["max_points"], seed=config["seed"],
                     boxes=gs["boxes"] if gs["method"] == "boxes" else None,

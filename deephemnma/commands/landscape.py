@@ -37,7 +37,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..star import amplitude_modes, read_star, write_star
+    from ..star import amplitude_modes, read_star, rebase_image_names, write_star
     from ..fileio import require_file
     from ..landscape import (PCAModel, add_coordinates, build_landscape, landscape_plots, load_model)
     from ..outliers import amplitude_matrix
@@ -53,7 +53,7 @@ def run(args, config: dict) -> int:
         hemnma = None
         if args.hemnma:
             h = read_star(require_file(args.hemnma, "HEMNMA STAR file"))
-            hemnma = (h.particles, h.optics)
+            hemnma = (rebase_image_names(h.particles, h.path, star.path), h.optics)
         table, optics, model, spectral = build_landscape(star.particles, star.optics, section, config["seed"],
                                                          hemnma, star.path)
         model_path = Path(args.model) if args.model else out.with_name(out.stem + "_model.json")
@@ -62,7 +62,7 @@ def run(args, config: dict) -> int:
             spectral.save(model_path.with_name(model_path.stem + "_spectral.json"))
     if args.plots:
         landscape_plots(args.plots, table, model, section, config["seed"])
-    write_star(out, table, optics)
+    write_star(out, table, optics, source=star.path)
     kind = "PCA" if isinstance(model, PCAModel) else "spectral"
     print(f"{kind} landscape of {len(table)} particles ({model.n_components} coordinates) written to {out}")
     return 0

@@ -28,6 +28,13 @@ def add_arguments(p) -> None:
     p.add_argument("--pixel-size", type=float, metavar="A",
                    help="pixel size (Å) of the images read, overriding the optics table (RELION 3.0 files without "
                         "one, or an optics table describing downscaled copies of the stacks)")
+    p.add_argument("--original", action="store_true",
+                   help="read the ORIGINAL-size images of a STAR file written by 'deephemnma preprocess' (or derived "
+                        "from one): dhnmaOriginalImageName at dhnmaOriginalPixelSize, resolved through the "
+                        "preprocess manifest (--manifest)")
+    p.add_argument("--manifest", metavar="JSON",
+                   help="with --original: preprocess.json of the preprocessing run (default: beside the STAR file "
+                        "or one level up)")
     p.add_argument("--ignore-shifts", action="store_true",
                    help="treat all origins as zero (data whose STAR lists shifts the images do not carry)")
 
@@ -45,8 +52,20 @@ def run(args, config: dict) -> int:
     settings = ReconstructSettings.from_config(config["reconstruct"])
     star = read_star(require_file(args.particles, "particle STAR file"), pixel_size=args.pixel_size,
                      data_dir=args.data_dir)
+    images, pixel_size = None, args.pixel_size
+    if args.original:
+        from ..errors import InputError
+        from ..preprocess import ORIGINAL_PIXEL_SIZE, original_images
+
+        if ORIGINAL_PIXEL_SIZE not in star.particles.columns:
+            raise InputError(star.path, f"--original: no _{ORIGINAL_PIXEL_SIZE} column (not from deephemnma preprocess)")
+        images = original_images(star, args.manifest)
+        sizes = star.particles[ORIGINAL_PIXEL_SIZE].to_numpy(float)
+        pixel_size = float(sizes[0])
+        if abs(sizes - pixel_size).max() > 1e-6 * pixel_size:
+            raise InputError(star.path, "--original: particles with different original pixel sizes")
     rec = reconstruct_star(star, settings, seed=config["seed"], data_dir=args.data_dir,
-                           ignore_shifts=args.ignore_shifts, pixel_size=args.pixel_size)
+                           ignore_shifts=args.ignore_shifts, pixel_size=pixel_size, images=images)
     outdir = Path(args.outdir)
     curves = {"half maps" + (" (masked, corrected)" if rec.mask is not None else ""): (rec.curve.frequency, rec.curve.fsc)}
     if rec.mask is not None:

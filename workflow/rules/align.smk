@@ -1,0 +1,59 @@
+# HEMNMA elastic + rigid-body alignment of image set 1: one CPU job per chunk, then merge and
+# the Mahalanobis outlier filter.
+
+
+rule align:
+    """HEMNMA on one chunk of image set 1 (restartable; resumes from its progress file)."""
+    input:
+        star=f"{OUT}/preprocess/set1/{{chunk}}.star",
+        modes=f"{OUT}/nma/modes.npz",
+        cfg=stage_config("align"),
+    output:
+        f"{OUT}/align/{{chunk}}.star",
+    wildcard_constraints:
+        chunk=r"chunk_\d+",
+    log:
+        log_of("align/{chunk}"),
+    benchmark:
+        bench_of("align/{chunk}")
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=240,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} align --particles {input.star} --modes {input.modes} --out {output} --config {input.cfg} "
+        "--threads {threads} --log {log}"
+
+
+rule merge_align:
+    """All chunks of image set 1 in plan order."""
+    input:
+        expand(f"{OUT}/align/{{chunk}}.star", chunk=SET1),
+    output:
+        f"{OUT}/align/hemnma.star",
+    log:
+        log_of("merge_align"),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} merge --inputs {input} --out {output} --log {log}"
+
+
+rule filter:
+    """Mahalanobis outlier filter on the HEMNMA amplitudes (the training set)."""
+    input:
+        star=f"{OUT}/align/hemnma.star",
+        cfg=stage_config("landscape"),
+    output:
+        kept=f"{OUT}/filter/kept.star",
+        dropped=f"{OUT}/filter/dropped.star",
+        summary=f"{OUT}/filter/summary.json",
+    log:
+        log_of("filter"),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} filter --particles {input.star} --kept {output.kept} --dropped {output.dropped} "
+        "--summary {output.summary} --config {input.cfg} --log {log}"

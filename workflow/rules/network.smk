@@ -1,0 +1,101 @@
+# The DeepHEMNMA network: trained on the filtered HEMNMA results (Horovod/DDP ranks), then
+# applied to image set 2 shard by shard (one job per preprocessed chunk of set 2).
+
+TRAIN_RANKS = int(config["workflow"]["train_ranks"]) if config["workflow"]["train_engine"] != "single" else 1
+TRAIN_NODES = int(config["workflow"]["train_nodes"])
+GPUS = int(config["workflow"]["gpus_per_node"])
+# SLURM geometry of the training job (snakemake-executor-plugin-slurm): several ranks make it
+# an "mpi" job, so the job step is not wrapped in `srun -n1` and the rule's own srun starts the
+# ranks; GPUs with tasks_per_gpu=0 so that no --ntasks-per-gpu is imposed (plugin #342/#459).
+TRAIN_RESOURCES = {"nodes": TRAIN_NODES}
+if TRAIN_RANKS > 1:
+    TRAIN_RESOURCES.update(mpi="srun", tasks=TRAIN_RANKS)
+if GPUS:
+    TRAIN_RESOURCES.update(gpu=GPUS, tasks_per_gpu=0)
+PREDICT_RESOURCES = {"gpu": 1, "tasks_per_gpu": 0} if GPUS else {}
+
+
+def train_launch(wildcards, threads):
+    """The command that starts the training ranks (see workflow.train_launcher)."""
+    engine = config["workflow"]["train_engine"]
+    launcher = config["workflow"]["train_launcher"]
+    n = TRAIN_RANKS
+    if engine == "single" or launcher == "none" or n == 1:
+        return DH
+    if launcher == "auto":
+        launcher = "srun" if os.environ.get("SLURM_JOB_ID") else ("horovodrun" if engine == "horovod" else "torchrun")
+    if launcher == "srun":  # the job holds the tasks (resources tasks/nodes/mpi below)
+        return f"srun --ntasks={n} --cpus-per-task={threads} {DH}"
+    if launcher == "horovodrun":
+        return f"{Path(PY).parent}/horovodrun -np {n} -H localhost:{n} --gloo {DH}"
+    return f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n} -m deephemnma"
+
+
+rule train:
+    """ResNet34 + MLP regressor of amplitudes, orientation and shifts (resumes after a kill)."""
+    input:
+        star=f"{OUT}/filter/kept.star",
+        manifest=f"{OUT}/preprocess/preprocess.json",
+        cfg=stage_config("train"),
+    output:
+        best=f"{OUT}/network/best.pt",
+        summary=f"{OUT}/network/summary.json",
+        curves=report(f"{OUT}/network/curves.png", caption="../report/training.rst", category="3. Network"),
+    log:
+        log_of("train"),
+    benchmark:
+        bench_of("train")
+    threads: 1  # per rank (SLURM: --cpus-per-task of each of the job's tasks)
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+        **TRAIN_RESOURCES,
+    params:
+        launch=train_launch,
+    conda:
+        "../../envs/horovod.yaml"
+    shell:
+        # the log file goes by environment variable: launchers (horovodrun, torchrun) take
+        # `--log…` options after the command for their own
+        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --out {OUT}/network "
+        "--config {input.cfg} --threads {threads}"
+
+
+rule predict:
+    """Network predictions for one shard of image set 2."""
+    input:
+        star=f"{OUT}/preprocess/set2/{{chunk}}.star",
+        ckpt=f"{OUT}/network/best.pt",
+        cfg=stage_config("predict"),
+    output:
+        f"{OUT}/predict/{{chunk}}.star",
+    wildcard_constraints:
+        chunk=r"chunk_\d+",
+    log:
+        log_of("predict/{chunk}"),
+    benchmark:
+        bench_of("predict/{chunk}")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        **PREDICT_RESOURCES,
+    conda:
+        "../../envs/torch-gpu.yaml"
+    shell:
+        "{DH} predict --checkpoint {input.ckpt} --particles {input.star} --out {output} --config {input.cfg} "
+        "--threads {threads} --log {log}"
+
+
+rule merge_predict:
+    """All shards of image set 2 in plan order."""
+    input:
+        expand(f"{OUT}/predict/{{chunk}}.star", chunk=SET2),
+    output:
+        f"{OUT}/predict/predicted.star",
+    log:
+        log_of("merge_predict"),
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} merge --inputs {input} --out {output} --log {log}"

@@ -1,0 +1,74 @@
+# Particles: the synthetic benchmark (or your STAR file), then preprocessing in chunks.
+# The chunk plan (CHUNKS, SET1, SET2) is known when the workflow is parsed.
+
+if SIMULATING:
+
+    rule simulate:
+        """The paper's synthetic adenylate-kinase particles with their ground truth."""
+        input:
+            modes=f"{OUT}/nma/modes.npz",
+            cfg=stage_config("simulate"),
+        output:
+            star=f"{OUT}/simulate/particles.star",
+            truth=f"{OUT}/simulate/ground_truth.star",
+            manifest=f"{OUT}/simulate/simulate.json",
+        log:
+            log_of("simulate"),
+        benchmark:
+            bench_of("simulate")
+        threads: 2
+        resources:
+            mem_mb=4000,
+            runtime=120,
+        conda:
+            "../../envs/core.yaml"
+        shell:
+            "{DH} simulate --modes {input.modes} --out-dir {OUT}/simulate --config {input.cfg} "
+            "--threads {threads} --log {log}"
+
+
+rule preprocess_chunk:
+    """One chunk: phase flip, downscale, normalise; STAR + MRC stack."""
+    input:
+        star=particles_star(),
+        cfg=stage_config("preprocess"),
+    output:
+        star=f"{OUT}/preprocess/{{set}}/{{chunk}}.star",
+        stack=f"{OUT}/preprocess/{{set}}/{{chunk}}.mrcs",
+        record=f"{OUT}/preprocess/{{set}}/{{chunk}}.json",
+    wildcard_constraints:
+        set="set1|set2",
+        chunk=r"chunk_\d+",
+    log:
+        log_of("preprocess/{set}_{chunk}"),
+    benchmark:
+        bench_of("preprocess/{set}_{chunk}")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} preprocess --particles {input.star} --out-dir {OUT}/preprocess "
+        "--chunks {wildcards.set}/{wildcards.chunk} --config {input.cfg} --threads {threads} --log {log}"
+
+
+rule preprocess_index:
+    """Per-set STAR files and the manifest, once every chunk is done (nothing is redone)."""
+    input:
+        star=particles_star(),
+        cfg=stage_config("preprocess"),
+        chunks=[f"{OUT}/preprocess/{c['star']}" for c in CHUNKS],
+    output:
+        set1=f"{OUT}/preprocess/set1.star",
+        set2=f"{OUT}/preprocess/set2.star",
+        manifest=f"{OUT}/preprocess/preprocess.json",
+    log:
+        log_of("preprocess_index"),
+    threads: 1
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "{DH} preprocess --particles {input.star} --out-dir {OUT}/preprocess --config {input.cfg} "
+        "--threads {threads} --log {log}"
