@@ -231,8 +231,8 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
         bar.update(len(idx))
     bar.close()
     result = _assemble(star, model, done, batches)
-    with atomic_path(out) as tmp:
-        S.write_star(tmp, result, star.optics)
+    # written atomically; relative image paths rebased to resolve from the output's directory
+    S.write_star(out, result, star.optics, source=star.path, data_dir=data_dir)
     shutil.rmtree(pdir, ignore_errors=True)
     flags = result[S.FLAG].to_numpy() if n else np.zeros(0, dtype=np.int64)
     summary = {
