@@ -143,6 +143,40 @@ def test_resume_after_interruption_gives_the_same_output(modes_file, small_set, 
     assert align_star(star, modes_file, resumed, other, threads=1)["resumed_batches"] == 0
 
 
+def test_killed_run_resumes_to_the_same_output(modes_file, model, tmp_path, run_cli):
+    """SIGKILL the command once it has saved its first batch; the rerun finishes the chunk
+    and writes the bytes of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    imgs, truth = simulate_images(model, 6, BOX, PX, seed=61, snr=0.3, amplitude_std=30)
+    star, _ = write_dataset(tmp_path / "data", imgs, truth, PX)
+    args = ["align", "--particles", star, "--modes", modes_file, *FAST[:-2], "--set", "align.batch_size=1",
+            "--set", "align.levels=[32,64]", "--set", "align.iterations=[15,10]", "--threads", "1"]
+    killed = tmp_path / "killed.star"
+    proc = subprocess.Popen([sys.executable, "-m", "deephemnma", *map(str, args), "--out", str(killed)],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = progress_dir(killed) / "batch_000000.npz"
+    t0 = time.monotonic()
+    while not first.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not killed.exists()
+    done = len(list(progress_dir(killed).glob("batch_*.npz")))
+    assert 1 <= done < 6
+    assert run_cli(*args, "--out", killed).returncode == 0
+    whole = tmp_path / "whole.star"
+    assert run_cli(*args, "--out", whole).returncode == 0
+    assert killed.read_bytes() == whole.read_bytes()
+    assert not progress_dir(killed).exists()
+
+
 def test_single_particle_and_junk_images(run_cli, model, modes_file, tmp_path):
     imgs, truth = simulate_images(model, 2, BOX, PX, seed=41, snr=0.3, amplitude_std=30)
     rng = np.random.default_rng(0)
