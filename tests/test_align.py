@@ -216,10 +216,12 @@ def test_amplitude_bound_is_flagged(model):
     q = np.array([[3.0, 0.0, 0.0]]) * model.amplitude_scale()          # 3 Å RMS along mode 7
     imgs, truth = simulate_images(model, 1, BOX, PX, seed=51, snr=None, amplitudes=q)
     s = AlignSettings(levels=[32, 64], iterations=[30, 20], candidates=[4, 1], max_amplitude_rmsd=1.5,
-                      search_amplitude_rmsd=1.5)
+                      search_amplitude_rmsd=1.5, coarse_cell=1.5)  # (also exercises the lumped 32² model)
     r = Aligner(model, BOX, PX, s).align(imgs, ctf_of(1), "phase_flipped")
     assert r.at_bound[0]
     assert np.isclose(abs(r.amplitudes[0, 0]), 1.5 * model.amplitude_scale(), rtol=1e-3)
+    ang, _, _ = errors(model, r.euler, r.origins, r.amplitudes, truth)
+    assert ang[0] < 5
     assert FLAG_AT_BOUND == 8 and FLAG_AT_BOUND not in (S.FLAG_NOT_CONVERGED, S.FLAG_OUTLIER, S.FLAG_BAD_IMAGE)
 
 
