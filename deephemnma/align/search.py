@@ -112,8 +112,9 @@ class TemplateBank:
         mult = _multiplicity_flat(level)[k]                      # (K,)
         C, O = len(self.conformations), len(self.euler)
         T = C * O
-        re = torch.empty(T, len(k))
-        im = torch.empty(T, len(k))
+        K = len(k)
+        # numerator Σ mult·Re(conj(T̂)·Ĵ) = [Re T̂, Im T̂] · [mult Re Ĵ, mult Im Ĵ]: one (T, 2K) matrix
+        mat = torch.empty(T, 2 * K)
         R_all = torch.as_tensor(self.rot, dtype=torch.float32)
         # index-0 phase reference of a d² image whose centre is pixel d//2
         ky = torch.fft.fftfreq(d, dtype=torch.float64)
@@ -130,11 +131,10 @@ class TemplateBank:
             for a in range(0, O, batch):
                 R = R_all[a: a + batch]
                 F = slicer(R).reshape(len(R), -1)[:, k] * ramp
-                re[ci * O + a: ci * O + a + len(R)] = F.real
-                im[ci * O + a: ci * O + a + len(R)] = F.imag
-        # numerator Σ mult·Re(conj(T̂)·Ĵ) = [Re T̂, Im T̂] · [mult Re Ĵ, mult Im Ĵ]
-        self.mat = torch.cat([re, im], 1).contiguous()           # (T, 2K)
-        self.power = (re ** 2 + im ** 2).contiguous()            # (T, K)
+                mat[ci * O + a: ci * O + a + len(R), :K] = F.real
+                mat[ci * O + a: ci * O + a + len(R), K:] = F.imag
+        self.mat = mat                                           # (T, 2K)
+        self.power = mat[:, :K] ** 2 + mat[:, K:] ** 2           # (T, K) |T̂|²
         self.mult = mult                                         # (K,)
         self.n_orient = O
 
