@@ -26,7 +26,7 @@ from .logs import get_logger
 log = get_logger(__name__)
 
 from .star import FLAG as FLAG_COLUMN  # noqa: E402  "dhnmaFlag"
-from .star import FLAG_OUTLIER  # noqa: E402  bit 2
+from .star import FLAG_OUTLIER  # noqa: E402  value 16
 
 DISTANCE_COLUMN = "dhnmaMahalanobis"
 

@@ -565,8 +565,9 @@ def project_gaussians(coords, weights, sigma, rotations, box: int, pixel_size: f
         xy = xy - _as_tensor(origins_px, dtype, R.device).reshape(-1, 1, 2)
     grid = torch.arange(box, device=R.device, dtype=dtype)
     s_ = s if s.dim() == 0 else s[None, :, None]
-    gx = torch.exp(-0.5 * ((grid - xy[..., 0:1]) / s_) ** 2)  # (B, N, box)
-    gy = torch.exp(-0.5 * ((grid - xy[..., 1:2]) / s_) ** 2)
+    # exponents below −80 (values < 2e-35) are clamped: exp is slow on its denormal path
+    gx = torch.exp((-0.5 * ((grid - xy[..., 0:1]) / s_) ** 2).clamp_min(-80.0))  # (B, N, box)
+    gy = torch.exp((-0.5 * ((grid - xy[..., 1:2]) / s_) ** 2).clamp_min(-80.0))
     amp = w / (2 * math.pi * s * s)  # (N,) or scalar-broadcast
     if amp.dim() == 0:
         amp = amp.expand(X.shape[1])

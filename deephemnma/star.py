@@ -164,10 +164,12 @@ ORIGINAL_IMAGE_NAME = "dhnmaOriginalImageName"
 ORIGINAL_PIXEL_SIZE = "dhnmaOriginalPixelSize"
 CTF_PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"
 
-#: dhnmaFlag bits
-FLAG_NOT_CONVERGED = 1
-FLAG_OUTLIER = 2
-FLAG_BAD_IMAGE = 4
+#: dhnmaFlag bits (a particle may carry several; 0 = nothing to report)
+FLAG_NOT_CONVERGED = 1  #: alignment: the refinement was still moving at its iteration limit
+FLAG_JUNK = 2           #: alignment: the score is not significant against noise (junk particle)
+FLAG_BAD_IMAGE = 4      #: empty (constant), NaN or unreadable image: not aligned
+FLAG_AT_BOUND = 8       #: alignment: an amplitude reached its bound
+FLAG_OUTLIER = 16       #: Mahalanobis outlier of the amplitude distribution (deephemnma filter)
 
 _AMPLITUDE_RE = re.compile(rf"^{AMPLITUDE_PREFIX}(\d{{3}})$")
 _PC_RE = re.compile(rf"^{PC_PREFIX}(\d+)$")

@@ -193,10 +193,10 @@ def test_single_particle_and_junk_images(run_cli, model, modes_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     p = S.read_star(out).particles
     flags = p[S.FLAG].to_numpy()
-    assert (flags[:2] & (S.FLAG_OUTLIER | S.FLAG_BAD_IMAGE)).tolist() == [0, 0]
+    assert (flags[:2] & (S.FLAG_JUNK | S.FLAG_BAD_IMAGE)).tolist() == [0, 0]
     assert flags[2] & S.FLAG_BAD_IMAGE and flags[4] & S.FLAG_BAD_IMAGE       # empty, NaN: not aligned
     assert p[S.SCORE].iloc[2] == 0 and p[S.CONVERGED].iloc[2] == 0
-    assert flags[3] & S.FLAG_OUTLIER and not flags[3] & S.FLAG_BAD_IMAGE       # noise: aligned, flagged junk
+    assert flags[3] & S.FLAG_JUNK and not flags[3] & S.FLAG_BAD_IMAGE       # noise: aligned, flagged junk
     assert p[S.SCORE].iloc[3] < p[S.SCORE].iloc[:2].min()
 
     # a chunk of one particle
@@ -222,7 +222,7 @@ def test_amplitude_bound_is_flagged(model):
     assert np.isclose(abs(r.amplitudes[0, 0]), 1.5 * model.amplitude_scale(), rtol=1e-3)
     ang, _, _ = errors(model, r.euler, r.origins, r.amplitudes, truth)
     assert ang[0] < 5
-    assert FLAG_AT_BOUND == 8 and FLAG_AT_BOUND not in (S.FLAG_NOT_CONVERGED, S.FLAG_OUTLIER, S.FLAG_BAD_IMAGE)
+    assert FLAG_AT_BOUND == 8 and FLAG_AT_BOUND not in (S.FLAG_NOT_CONVERGED, S.FLAG_JUNK, S.FLAG_BAD_IMAGE, S.FLAG_OUTLIER)
 
 
 def test_bad_inputs_are_one_line_errors(run_cli, modes_file, small_set, tmp_path):

@@ -43,7 +43,7 @@ def test_injected_outliers_are_removed(method):
     kept, dropped, filt = filter_table(df, threshold=3.2, method=method)
     assert set(out_idx) <= set(dropped.index)
     assert len(dropped) < 30 + 0.03 * 3000
-    assert (dropped["dhnmaFlag"] & 2).all() and "dhnmaFlag" not in kept.columns
+    assert (dropped["dhnmaFlag"] & 16).all() and "dhnmaFlag" not in kept.columns
     assert (dropped["dhnmaMahalanobis"] > 3.2).all() and (kept["dhnmaMahalanobis"] <= 3.2).all()
     assert list(kept.index) == sorted(kept.index)  # order kept
 

@@ -16,10 +16,10 @@ input column kept and these columns set (replaced when present):
 =================================  ==========================================================
 
 Flags: :data:`~deephemnma.star.FLAG_NOT_CONVERGED` (1) the refinement was still moving at
-its iteration limit; :data:`~deephemnma.star.FLAG_OUTLIER` (2) junk: the score is not
+its iteration limit; :data:`~deephemnma.star.FLAG_JUNK` (2) junk: the score is not
 significantly above what pure noise reaches (``significance`` below ``align.min_significance``);
 :data:`~deephemnma.star.FLAG_BAD_IMAGE` (4) empty (constant) or unreadable image, not aligned
-(zero pose and amplitudes, score 0); :data:`FLAG_AT_BOUND` (8) an amplitude reached its bound.
+(zero pose and amplitudes, score 0); :data:`~deephemnma.star.FLAG_AT_BOUND` (8) an amplitude reached its bound.
 
 Resume
 ------
@@ -57,7 +57,7 @@ from .model import ElasticModel, load_model
 log = get_logger(__name__)
 
 #: dhnmaFlag bit: an amplitude reached its bound (``align.max_amplitude_rmsd``)
-FLAG_AT_BOUND = getattr(S, "FLAG_AT_BOUND", 8)
+FLAG_AT_BOUND = S.FLAG_AT_BOUND
 FORMAT_VERSION = 1
 PHASE_FLIPPED_COLUMN = "rlnCtfDataArePhaseFlipped"
 CTF_MODES = ("auto", CTF_RAW, CTF_FLIPPED, CTF_PREMULTIPLIED, CTF_NONE)
@@ -164,7 +164,7 @@ def align_batch(aligner: Aligner, imgs: np.ndarray, unreadable: np.ndarray, para
         fl[~res.converged] |= S.FLAG_NOT_CONVERGED
         fl[res.at_bound] |= FLAG_AT_BOUND
         if min_significance is not None:
-            fl[res.significance < min_significance] |= S.FLAG_OUTLIER
+            fl[res.significance < min_significance] |= S.FLAG_JUNK
         rec["flag"][ok] |= fl
     return rec
 
@@ -241,7 +241,7 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
         "modes": [int(m) for m in model.mode_numbers],
         "ctf_modes": {str(k): int(v) for k, v in zip(*np.unique(modes.astype(str), return_counts=True))} if n else {},
         "flagged": {name: int(((flags & bit) != 0).sum()) for name, bit in
-                    (("not_converged", S.FLAG_NOT_CONVERGED), ("outlier", S.FLAG_OUTLIER),
+                    (("not_converged", S.FLAG_NOT_CONVERGED), ("junk", S.FLAG_JUNK),
                      ("bad_image", S.FLAG_BAD_IMAGE), ("at_bound", FLAG_AT_BOUND))},
         "mean_score": float(result[S.SCORE].mean()) if n else None,
     }

@@ -10,7 +10,7 @@ DESCRIPTION = (
     "Mahalanobis outlier filter on the normal-mode amplitudes (dhnmaAmplitudeNNN columns) of a\n"
     "particle STAR file, usually the HEMNMA results before training (seed 001: threshold 3.2).\n"
     "Writes the kept and the dropped particles as RELION STAR files (every column and the\n"
-    "optics table kept; column dhnmaMahalanobis added; dropped rows get bit 2 of dhnmaFlag)\n"
+    "optics table kept; column dhnmaMahalanobis added; dropped rows get flag 16 in dhnmaFlag)\n"
     "and a JSON summary (counts, mean, covariance, the kept fraction expected for Gaussian\n"
     "amplitudes). Settings: landscape.filter.threshold / method, landscape.modes."
 )
