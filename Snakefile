@@ -8,7 +8,7 @@ from snakemake.utils import min_version
 min_version("9.19")
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"  # the embedded default; --configfile adds to it
 
 
 include: "workflow/rules/common.smk"

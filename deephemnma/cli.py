@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         log_file = mod.default_log(args)
     setup_logging(log_file, verbose=args.verbose, quiet=args.quiet)
     t0 = time.monotonic()
+    injected = _injected_failure(argv)
+    if injected:
+        print(f"error: {injected}", file=sys.stderr)
+        return 3
     try:
         from .config import load_config
 
@@ -109,6 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     log.debug("%s finished in %.1f s", mod.NAME, time.monotonic() - t0)
     return int(rc or 0)
+
+
+def _injected_failure(argv) -> str | None:
+    """Fault injection for testing retries (workflow tests): with
+    ``DEEPHEMNMA_FAIL_ONCE="<text>::<marker file>"``, a command whose arguments contain
+    <text> fails once — the first time, creating the marker — and runs normally afterwards."""
+    spec = os.environ.get("DEEPHEMNMA_FAIL_ONCE")
+    if not spec or "::" not in spec:
+        return None
+    text, marker = spec.split("::", 1)
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    if text and text in args:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return None
+        os.close(fd)
+        return f"injected failure (DEEPHEMNMA_FAIL_ONCE matched {text!r}; marker {marker})"
+    return None
 
 
 def _log_to_file_only(msg: str) -> None:

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +57,37 @@ def load_ground_truth(path) -> pd.DataFrame:
     return df
 
 
-def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _particle_keys(names: pd.Series) -> pd.Index:
+    """``NNN@path`` names as comparable keys: the index without zero padding and the path
+    normalised (``000001@a/../p.mrcs`` and ``1@p.mrcs`` are the same particle)."""
+    s = names.astype(str)
+    has_at = s.str.contains("@", regex=False)
+    parts = s.str.split("@", n=1, expand=True) if has_at.any() else None
+    if parts is None or parts.shape[1] < 2:
+        return pd.Index(s.map(os.path.normpath))
+    num = pd.to_numeric(parts[0], errors="coerce")
+    path = parts[1].where(has_at, s).fillna(s).map(os.path.normpath)
+    key = num.map(lambda v: "" if pd.isna(v) else f"{int(v)}@") + path
+    return pd.Index(key.where(has_at & num.notna(), s))
+
+
+def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None, truth_source=None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows of ``truth`` in the order of ``pred``, matched by image name: the original
     ``rlnImageName`` kept by preprocess (``dhnmaOriginalImageName``) when ``pred`` has it,
-    else ``rlnImageName``. Particles without ground truth are an error."""
+    else ``rlnImageName``. Names are compared as particle index + normalised path; with
+    ``source`` (the STAR file ``pred`` was read from) and ``truth_source`` (the truth table's
+    path), relative stack paths are first re-expressed from ``source``'s directory to the
+    truth's, so a subset STAR written elsewhere (e.g. a group file) still matches.
+    Particles without ground truth are an error."""
     key = ORIGINAL_IMAGE_NAME if ORIGINAL_IMAGE_NAME in pred.columns else IMAGE_NAME
-    idx = pd.Index(truth[IMAGE_NAME]).get_indexer(pred[key])
+    truth_keys = _particle_keys(truth[IMAGE_NAME])
+    idx = truth_keys.get_indexer(_particle_keys(pred[key]))
+    if (idx < 0).any() and key == IMAGE_NAME and source is not None and truth_source is not None:
+        from .star import rebase_image_names
+
+        names = rebase_image_names(pred[[IMAGE_NAME]], source, truth_source)[IMAGE_NAME]
+        idx = truth_keys.get_indexer(_particle_keys(names))
     if (idx < 0).any():
         i = int(np.flatnonzero(idx < 0)[0])
         raise InputError(source, f"particle {pred[key].iloc[i]} has no ground truth", row=i + 1)

@@ -85,3 +85,12 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
     except RuntimeError:
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_fail_once_hook(run_cli, tmp_path, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv("DEEPHEMNMA_FAIL_ONCE", f"--schema::{marker}")
+    first = run_cli("config", "--schema")
+    assert first.returncode == 3 and "injected failure" in first.stderr and marker.exists()
+    assert run_cli("config", "--schema").returncode == 0  # only once
+    assert run_cli("config").returncode == 0  # other commands never

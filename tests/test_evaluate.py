@@ -13,7 +13,7 @@ import torch
 from deephemnma.config import validate_config
 from deephemnma.nma import run_nma
 from deephemnma.density import atoms_to_volume
-from deephemnma.evaluate import (best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
+from deephemnma.evaluate import (align_tables, best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
                                  parameter_errors, shift_volume, summarise_errors)
 from deephemnma.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from deephemnma.projection import FourierSliceProjector, project_gaussians
@@ -105,6 +105,24 @@ def test_ground_truth_table_errors(tmp_path):
     pd.DataFrame({"x": [1]}).to_csv(tmp_path / "nokey.csv", index=False)
     with pytest.raises(InputError, match="rlnImageName"):
         load_ground_truth(tmp_path / "nokey.csv")
+
+
+def test_align_tables_matches_rebased_and_padded_names(tmp_path):
+    """A group STAR one directory down names ``000002@../p.mrcs``; the truth next to the stack
+    names ``2@p.mrcs``: the same particle. A name of another stack has no ground truth."""
+    from deephemnma.errors import InputError
+
+    (tmp_path / "p.mrcs").write_bytes(b"")
+    (tmp_path / "g").mkdir()
+    truth = pd.DataFrame({"rlnImageName": ["1@p.mrcs", "2@p.mrcs", "3@p.mrcs"], "v": [10.0, 20.0, 30.0]})
+    pred = pd.DataFrame({"rlnImageName": ["000003@../p.mrcs", "000002@../p.mrcs"]})
+    _, t = align_tables(pred, truth, tmp_path / "g" / "group_01.star", tmp_path / "truth.csv")
+    assert t["v"].tolist() == [30.0, 20.0]
+    with pytest.raises(InputError, match="no ground truth"):  # without the locations the paths differ
+        align_tables(pred, truth, tmp_path / "g" / "group_01.star")
+    with pytest.raises(InputError, match="no ground truth"):
+        align_tables(pd.DataFrame({"rlnImageName": ["4@../p.mrcs"]}), truth, tmp_path / "g" / "x.star",
+                     tmp_path / "truth.csv")
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def run(args, config: dict) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     star = read_star(require_file(args.particles, "particle STAR file"))
     truth_all = load_ground_truth(args.truth)
-    pred, truth = align_tables(star.particles, truth_all, star.path)
+    pred, truth = align_tables(star.particles, truth_all, star.path, args.truth)
     modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
     ref = V = None
     if args.modes:
@@ -85,7 +85,7 @@ def run(args, config: dict) -> int:
         for g, info in gdoc["groups"].items():
             g = int(g)
             members = read_star(Path(args.groups) / info["file"]).particles
-            _, t = align_tables(members, truth_all, Path(args.groups) / info["file"])
+            _, t = align_tables(members, truth_all, Path(args.groups) / info["file"], args.truth)
             centroids[g] = t[cols].to_numpy(np.float64).mean(axis=0)
             mpath = Path(args.maps) / f"group_{g:02d}" / "map.mrc"
             if mpath.is_file():
