@@ -45,7 +45,7 @@ rule filter:
     """Mahalanobis outlier filter on the HEMNMA amplitudes (the training set)."""
     input:
         star=f"{OUT}/align/hemnma.star",
-        cfg=stage_config("landscape"),
+        cfg=stage_config("filter"),
     output:
         kept=f"{OUT}/filter/kept.star",
         dropped=f"{OUT}/filter/dropped.star",

@@ -62,7 +62,9 @@ def evaluating():
 
 
 # ------------------------------------------------------------------ per-stage configuration
-# Each stage reads only these sections of the configuration (plus the seed).
+# Each stage reads only these sections of the configuration (plus the seed); "a.b" is key b
+# of section a alone (the outlier filter feeds training: a change of the landscape's grouping
+# must not retrain the network).
 STAGE_SECTIONS = {
     "nma": ["reference", "nma"],
     "simulate": ["simulate"],
@@ -70,6 +72,7 @@ STAGE_SECTIONS = {
     "align": ["align"],
     "train": ["network"],
     "predict": ["network"],
+    "filter": ["landscape.filter", "landscape.modes"],
     "landscape": ["landscape"],
     "reconstruct": ["reconstruct"],
     "report": ["landscape"],
@@ -79,7 +82,11 @@ STAGE_SECTIONS = {
 def stage_config_text(stage):
     doc = {"seed": config["seed"]}
     for s in STAGE_SECTIONS[stage]:
-        doc[s] = config[s]
+        section, _, key = s.partition(".")
+        if key:
+            doc.setdefault(section, {})[key] = config[section][key]
+        else:
+            doc[section] = config[section]
     if stage == "train":
         doc["network"] = {**config["network"], "engine": config["workflow"]["train_engine"]}
     return yaml.safe_dump(doc, sort_keys=True)
