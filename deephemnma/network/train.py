@@ -394,13 +394,16 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
         ck = load_checkpoint(last_path)
         _check_resume(ck, model_cfg, codec, data_info, s, engine.world_size, last_path)
         model.load_state_dict(ck["model_state"])
-        optimizer.load_state_dict(ck["optimizer_state"])
         if scaler is not None and ck.get("scaler_state"):
             scaler.load_state_dict(ck["scaler_state"])
         set_rng_state(ck["rng"])
         epoch0, step0, history, best = int(ck["epoch"]), int(ck["global_step"]), list(ck["history"]), dict(ck["best"])
         log.info("resumed from %s: %d epoch(s) done", last_path, epoch0)
+    # Horovod's DistributedOptimizer is a new optimiser over the same parameter groups, with
+    # empty state: a resumed optimiser state is loaded into the wrapped one.
     optimizer = engine.wrap_optimizer(optimizer, model, s.accumulate)
+    if epoch0:
+        optimizer.load_state_dict(ck["optimizer_state"])
     engine.broadcast_state(model, optimizer)
     wrapped = engine.wrap_model(model)
 
