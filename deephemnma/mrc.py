@@ -450,4 +450,6 @@ def write_volume(path: str | os.PathLike, data, voxel_size: float, origin=None) 
             if origin is not None:
                 ox, oy, oz = (float(v) for v in origin)
                 m.header.origin.x, m.header.origin.y, m.header.origin.z = ox, oy, oz
+            m.header.label[0] = STACK_LABEL  # not mrcfile's time stamp: same data, same bytes
+            m.header.nlabl = 1
     return path

@@ -197,6 +197,8 @@ def test_volume_roundtrip(tmp_path):
         assert m.is_volume() and m.data.shape == (8, 10, 12)
         assert m.voxel_size.z == pytest.approx(0.65)
         assert (float(m.header.origin.x), float(m.header.origin.y)) == (1.0, -2.5)
+        # no creation time in the header: the same map written later has the same bytes
+        assert m.header.nlabl == 1 and bytes(m.header.label[0]).startswith(b"Created by deephemnma")
 
 
 @pytest.mark.peer

@@ -2,11 +2,12 @@
 
 - The DAG at parse time: job counts per rule for the test and the demo configurations.
 - One full run (module fixture, ~2 min on 2 cores), then: nothing left to do; deleting one
-  alignment chunk reruns that chunk and what depends on it, not the other chunk, and gives the
+  alignment chunk reruns that chunk and what depends on it, not the other chunk, with the
   same bytes; changing a network setting reruns training and what follows, not alignment or
-  preprocessing; `snakemake --report` writes the HTML report.
-- A run killed with SIGKILL in the middle of training, unlocked and rerun with
-  --rerun-incomplete, ends with the same files as the uninterrupted run.
+  preprocessing, and changing the grouping does not retrain; `snakemake --report` writes its report.
+- A fresh run in which one alignment chunk fails goes on with the rest and stops; the rerun
+  redoes that chunk alone; killed (SIGKILL) mid-training, unlocked and rerun with
+  --rerun-incomplete, it ends with the bytes of the uninterrupted run.
 - On a private SLURM cluster (root only): the same DAG through the SLURM executor and the
   project's slurm profile, an alignment chunk that fails once retried alone, and training as
   one two-task job whose ranks srun starts.
@@ -124,6 +125,27 @@ def test_full_run_outputs(finished_run):
     assert (out / "network" / "train.rank1.log").is_file()
     assert dry_run(work) == {}, "a finished workflow has nothing left to do"
     print(f"test workflow: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_deleted_chunk_reruns_alone(finished_run):
+    """Deleting one chunk's alignment output reruns that chunk and what depends on it; the
+    other chunk and the preprocessing are not touched, and the results are the same bytes."""
+    work, _ = finished_run
+    out = work / "out"
+    before = digests(out)
+    other_mtime = (out / "align" / "chunk_0000.star").stat().st_mtime_ns
+    prep_mtime = (out / "preprocess" / "set1" / "chunk_0001.star").stat().st_mtime_ns
+    (out / "align" / "chunk_0001.star").unlink()
+    counts = dry_run(work)
+    assert counts.get("align") == 1 and counts.get("merge_align") == 1 and counts.get("train") == 1, counts
+    for rule in ("simulate", "preprocess_chunk", "preprocess_index", "nma"):
+        assert rule not in counts, (rule, counts)
+    ok(snakemake(work, "--cores", "2"))
+    assert (out / "align" / "chunk_0000.star").stat().st_mtime_ns == other_mtime
+    assert (out / "preprocess" / "set1" / "chunk_0001.star").stat().st_mtime_ns == prep_mtime
+    assert digests(out) == before
+    assert dry_run(work) == {}
 
 
 @pytest.mark.slow

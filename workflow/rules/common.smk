@@ -129,4 +129,7 @@ def final_outputs():
     ]
     if evaluating():
         out += [f"{OUT}/evaluate/hemnma/summary.json", f"{OUT}/evaluate/predicted/summary.json"]
+    # Per-chunk results are products too: a deleted (or failed) chunk is redone, and what
+    # depends on it after it (newer input), without touching the other chunks.
+    out += [f"{OUT}/align/{c}.star" for c in SET1] + [f"{OUT}/predict/{c}.star" for c in SET2]
     return out
