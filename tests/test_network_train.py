@@ -102,6 +102,47 @@ def test_resume_after_kill_is_bit_for_bit(toy, trained, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
+def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, trained, tmp_path, caplog):
+    """--resume auto (the workflow's): a finished run, or one with other settings, is not
+    continued but started over (same bytes as a fresh run); an unfinished run with the same
+    data and settings is continued."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(trained, out)
+    cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", str(toy), "--out", str(out), *TINY,
+           "--resume", "auto"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    log = (out / "train.log").read_text()
+    assert "that run finished" in log and "starting over" in log
+    a = torch.load(trained / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    assert b["epoch"] == 4 and all(torch.equal(v, b["model_state"][k]) for k, v in a["model_state"].items())
+    # other settings: start over, with a reason naming the setting
+    res = subprocess.run(cmd + ["--set", "network.epochs=5", "--set", "network.lr=0.002"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "the settings differ (epochs, lr)" in (out / "train.log").read_text()
+    # an unfinished run of the same training is continued
+    from deephemnma.network.train import TrainSettings, train
+
+    settings = TrainSettings.from_config(dict(arch="resnet10", hidden=[64, 32], epochs=3, batch_size=6,
+                                              num_workers=0, val_fraction=0.25, device="cpu", engine="single"),
+                                         seed=0)
+    piece = tmp_path / "pieces"
+    r = train(toy, piece, settings, max_epochs=2)
+    r.engine.close()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="deephemnma"):
+        r = train(toy, piece, settings, resume="auto")
+    r.engine.close()
+    assert f"resumed from {piece / 'last.pt'}: 2 epoch(s) done" in caplog.text
+    assert "starting over" not in caplog.text
+    ck = torch.load(piece / "last.pt", weights_only=True)
+    assert ck["epoch"] == 3 and [h["epoch"] for h in ck["history"]] == [1, 2, 3]
+
+
 def test_predict_star_keeps_columns_and_reproduces_the_model(toy, trained, tmp_path):
     import starfile
 

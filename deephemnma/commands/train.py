@@ -49,7 +49,11 @@ def add_arguments(p) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="directory against which image paths are resolved")
     p.add_argument("--original-pixel-size", type=float, metavar="A",
                    help="pixel size (Å) of the full-size particles, recorded in the checkpoint (default: the training images')")
-    p.add_argument("--no-resume", action="store_true", help="start over even if DIR/last.pt exists")
+    p.add_argument("--resume", choices=["yes", "auto", "no"], default="yes",
+                   help="yes: continue from DIR/last.pt when it exists (error if its model or data differ); "
+                        "auto: continue only an unfinished run with the same data and settings, else start over "
+                        "(what the workflow uses); no: start over (default: yes)")
+    p.add_argument("--no-resume", action="store_true", help="the same as --resume no")
 
 
 def _launcher_rank() -> int:
@@ -79,6 +83,7 @@ def run(args, config: dict) -> int:
 
     settings = TrainSettings.from_config(config.get("network", {}), seed=config.get("seed", 0))
     result = train(args.particles, args.out, settings, val_particles=args.val, data_dir=args.data_dir,
-                   resume=not args.no_resume, original_pixel_size=args.original_pixel_size)
+                   resume=False if args.no_resume else {"yes": True, "auto": "auto", "no": False}[args.resume],
+                   original_pixel_size=args.original_pixel_size)
     result.engine.close()
     return 0

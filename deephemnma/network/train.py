@@ -247,6 +247,48 @@ def _check_resume(ck: dict, model_cfg: ModelConfig, codec: TargetCodec, data_inf
                     "run the checkpoint started", gb_new, gb_old)
 
 
+def _fingerprint(*groups) -> str:
+    """SHA-256 of the bytes of the training (and validation) STAR files: labels, image names
+    and order in one value, so ``resume="auto"`` notices any change of the data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for g in groups:
+        for p in ([] if g is None else [g] if isinstance(g, (str, Path)) else list(g)):
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+# Settings that do not change what training computes (a resume may differ in them).
+_RESUME_NEUTRAL = {"num_workers", "predict_batch_size"}
+
+
+def _unfinished_match(ck: dict, model_cfg: ModelConfig, codec: TargetCodec, data_info: dict, s: TrainSettings,
+                      world: int) -> str | None:
+    """Why ``ck`` is *not* an unfinished run of this very training (None: it is one, resume).
+    Used by ``resume="auto"`` (the workflow): a job rerun because its inputs or settings
+    changed starts over; a job killed midway continues."""
+    if ck["model_config"] != model_cfg.to_dict():
+        return "the model configuration differs"
+    old = TargetCodec.from_dict(ck["codec"])
+    if not (old.modes == codec.modes and all(np.array_equal(getattr(old, a), getattr(codec, a))
+                                             for a in ("amp_mean", "amp_std", "shift_mean", "shift_std"))
+            and ck["data"] == data_info):
+        return "the training data differ"
+    a = {k: v for k, v in ck["settings"].items() if k not in _RESUME_NEUTRAL}
+    b = {k: v for k, v in s.to_dict().items() if k not in _RESUME_NEUTRAL}
+    if a != b or ck.get("world_size", 1) != world:
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return f"the settings differ ({', '.join(changed) or 'number of ranks'})"
+    best = ck["best"]
+    if int(ck["epoch"]) >= s.epochs or (s.patience > 0 and best.get("bad_epochs", 0) >= s.patience):
+        return "that run finished"
+    return None
+
+
 # ----------------------------------------------------------------------------- metrics I/O
 CSV_COLUMNS = ["epoch", "global_step", "lr", "train_loss", "train_loss_amplitudes", "train_loss_quaternion",
                "train_loss_shifts", "val_loss", "val_loss_amplitudes", "val_loss_quaternion", "val_loss_shifts",
@@ -329,12 +371,15 @@ def evaluate(model, loader, codec: TargetCodec, raw: dict, s: TrainSettings, eng
 
 # ----------------------------------------------------------------------------- training
 def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, settings: TrainSettings, *,
-          val_particles=None, data_dir=None, engine: Engine | None = None, resume: bool = True,
+          val_particles=None, data_dir=None, engine: Engine | None = None, resume: bool | str = True,
           original_pixel_size: float | None = None, max_epochs: int | None = None) -> TrainResult:
     """Train on ``particles`` (STAR file(s) with labels); write checkpoints and logs into ``out_dir``.
 
-    ``max_epochs`` stops after that many epochs *of this call* (the schedule still spans
-    ``settings.epochs``); used to train in pieces. Returns a :class:`TrainResult`.
+    ``resume``: True continues from ``out_dir/last.pt`` when it exists (an error if its model
+    or data differ); ``"auto"`` continues only an unfinished run with the same data, settings
+    and ranks and otherwise starts over; False always starts over. ``max_epochs`` stops after
+    that many epochs *of this call* (the schedule still spans ``settings.epochs``); used to
+    train in pieces. Returns a :class:`TrainResult`.
     """
     s = settings
     out = Path(out_dir)
@@ -359,7 +404,8 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
     data_info = {"box": train_set.box, "pixel_size": train_set.pixel_size,
                  "original_pixel_size": float(original_pixel_size or train_set.pixel_size),
                  "normalize": s.normalize, "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
-                 "sources": [str(p) for p in train_set.sources]}
+                 "sources": [str(p) for p in train_set.sources],
+                 "fingerprint": _fingerprint(particles, val_particles)}
     log.info("training on %d particles, validating on %d; %d² images at %.4g Å/px; modes %s",
              data_info["n_train"], data_info["n_val"], train_set.box, train_set.pixel_size, codec.modes)
 
@@ -390,8 +436,13 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
     epoch0, step0, history = 0, 0, []
     best = {"epoch": -1, "score": math.inf, "bad_epochs": 0}
     last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and last_path.exists():
-        ck = load_checkpoint(last_path)
+    ck = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if ck is not None and resume == "auto":
+        why = _unfinished_match(ck, model_cfg, codec, data_info, s, engine.world_size)
+        if why:
+            log.info("starting over: %s is not an unfinished run of this training (%s)", last_path, why)
+            ck = None
+    if ck is not None:
         _check_resume(ck, model_cfg, codec, data_info, s, engine.world_size, last_path)
         model.load_state_dict(ck["model_state"])
         if scaler is not None and ck.get("scaler_state"):

@@ -32,7 +32,8 @@ def train_launch(wildcards, threads):
 
 
 rule train:
-    """ResNet34 + MLP regressor of amplitudes, orientation and shifts (resumes after a kill)."""
+    """ResNet34 + MLP regressor of amplitudes, orientation and shifts. A job killed midway
+    continues from network/last.pt; one rerun because its inputs or settings changed starts over."""
     input:
         star=f"{OUT}/filter/kept.star",
         manifest=f"{OUT}/preprocess/preprocess.json",
@@ -58,7 +59,7 @@ rule train:
         # the log file goes by environment variable: launchers (horovodrun, torchrun) take
         # `--log…` options after the command for their own
         "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --out {OUT}/network "
-        "--config {input.cfg} --threads {threads}"
+        "--config {input.cfg} --threads {threads} --resume auto"
 
 
 rule predict:
