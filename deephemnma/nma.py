@@ -37,7 +37,7 @@ import numpy as np
 
 from . import enm
 from .errors import ConfigError, InputError
-from .fileio import atomic_path, atomic_write_json
+from .fileio import atomic_path, atomic_write_json, json_default
 from .logs import get_logger
 from .structure import Atoms
 
@@ -156,7 +156,7 @@ def save_modes(path: str | os.PathLike, ms: ModeSet) -> Path:
         arrays[name] = np.asarray(getattr(ms, name)).astype(str)
     arrays["kind"] = np.asarray(ms.kind)
     arrays["format_version"] = np.asarray(FORMAT_VERSION, dtype=np.int64)
-    arrays["settings_json"] = np.asarray(json.dumps(ms.settings, sort_keys=True, default=_json_default))
+    arrays["settings_json"] = np.asarray(json.dumps(ms.settings, sort_keys=True, default=json_default))
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             for name in sorted(arrays):
@@ -187,16 +187,6 @@ def load_modes(path: str | os.PathLike) -> ModeSet:
         raise InputError(p, f"written by a newer deephemnma (format {version} > {FORMAT_VERSION})")
     kw = {k: data[k] for k in (*_ARRAY_FIELDS, *_STR_FIELDS)}
     return ModeSet(**kw, kind=str(data["kind"]), settings=json.loads(str(data["settings_json"])))
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj).__name__)
 
 
 # ----------------------------------------------------------------------------- deformation
