@@ -60,15 +60,11 @@ def load_ground_truth(path) -> pd.DataFrame:
 def _particle_keys(names: pd.Series) -> pd.Index:
     """``NNN@path`` names as comparable keys: the index without zero padding and the path
     normalised (``000001@a/../p.mrcs`` and ``1@p.mrcs`` are the same particle)."""
-    s = names.astype(str)
-    has_at = s.str.contains("@", regex=False)
-    parts = s.str.split("@", n=1, expand=True) if has_at.any() else None
-    if parts is None or parts.shape[1] < 2:
-        return pd.Index(s.map(os.path.normpath))
-    num = pd.to_numeric(parts[0], errors="coerce")
-    path = parts[1].where(has_at, s).fillna(s).map(os.path.normpath)
-    key = num.map(lambda v: "" if pd.isna(v) else f"{int(v)}@") + path
-    return pd.Index(key.where(has_at & num.notna(), s))
+    def key(name) -> str:
+        idx, at, path = str(name).partition("@")
+        return f"{int(idx)}@{os.path.normpath(path)}" if at and idx.strip().isdigit() else os.path.normpath(str(name))
+
+    return pd.Index([key(n) for n in names])
 
 
 def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None, truth_source=None

@@ -66,3 +66,15 @@ def run_cli():
         return proc
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use with ``pytestmark``): the timings and results of
+    a one-core run, and no oversubscription."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

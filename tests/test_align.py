@@ -25,13 +25,7 @@ FAST_SETTINGS = AlignSettings(levels=[32], iterations=[15], candidates=[2], angu
                               search_amplitude_points=1, batch_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the timings and results of a one-core run (and no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -228,14 +228,20 @@ def prepare_data(particles, settings: TrainSettings, val_particles=None, data_di
     return full.subset(tr), full.subset(va)
 
 
+def _same_targets(ck: dict, codec: TargetCodec, equal) -> bool:
+    """The checkpoint's target coding (modes, standardisation statistics) is ``codec``'s,
+    statistics compared with ``equal`` (np.allclose, or np.array_equal for an exact match)."""
+    old = TargetCodec.from_dict(ck["codec"])
+    return old.modes == codec.modes and all(equal(getattr(old, a), getattr(codec, a))
+                                            for a in ("amp_mean", "amp_std", "shift_mean", "shift_std"))
+
+
 def _check_resume(ck: dict, model_cfg: ModelConfig, codec: TargetCodec, data_info: dict, s: TrainSettings,
                   world: int, path: Path) -> None:
     if ck["model_config"] != model_cfg.to_dict():
         raise InputError(path, f"cannot resume: the model configuration differs ({ck['model_config']} vs "
                          f"{model_cfg.to_dict()}); use a new output directory or --no-resume")
-    old = TargetCodec.from_dict(ck["codec"])
-    same = old.modes == codec.modes and all(
-        np.allclose(getattr(old, a), getattr(codec, a)) for a in ("amp_mean", "amp_std", "shift_mean", "shift_std"))
+    same = _same_targets(ck, codec, np.allclose)
     if not same or ck["data"]["n_train"] != data_info["n_train"] or ck["data"]["n_val"] != data_info["n_val"]:
         raise InputError(path, "cannot resume: the training data differ from the checkpoint's "
                          "(other particles, split or labels); use a new output directory or --no-resume")
@@ -273,10 +279,7 @@ def _unfinished_match(ck: dict, model_cfg: ModelConfig, codec: TargetCodec, data
     changed starts over; a job killed midway continues."""
     if ck["model_config"] != model_cfg.to_dict():
         return "the model configuration differs"
-    old = TargetCodec.from_dict(ck["codec"])
-    if not (old.modes == codec.modes and all(np.array_equal(getattr(old, a), getattr(codec, a))
-                                             for a in ("amp_mean", "amp_std", "shift_mean", "shift_std"))
-            and ck["data"] == data_info):
+    if not (_same_targets(ck, codec, np.array_equal) and ck["data"] == data_info):
         return "the training data differ"
     a = {k: v for k, v in ck["settings"].items() if k not in _RESUME_NEUTRAL}
     b = {k: v for k, v in s.to_dict().items() if k not in _RESUME_NEUTRAL}
