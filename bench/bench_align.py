@@ -9,7 +9,7 @@ target SNR) and ``deephemnma preprocess`` (phase flip, antialias low-pass, Fouri
 (default settings) per data set, compared with the ground truth joined on
 ``dhnmaOriginalImageName``:
 
-* angle error: the paper's metric (:func:`deephemnma.geometry.angular_error`), degrees;
+* angle error: the paper's metric (:func:`deephemnma.core.geometry.angular_error`), degrees;
 * shift error: mean absolute error per axis (the paper's table), Å; also the Euclidean error;
 * amplitude error: atomic RMSD (Å) between the reference deformed by the estimated and by the
   true amplitudes (modes absent from the ground truth count as 0), and mean absolute error.
@@ -58,8 +58,8 @@ def sh(cmd: list[str], env=None, cwd=None) -> float:
 
 
 def evaluate(out_star: Path, truth_star: Path, modes_file: Path, modes: list[int] | None) -> dict:
-    from deephemnma import geometry
-    from deephemnma import star as S
+    from deephemnma.core import geometry
+    from deephemnma.core import star as S
     from deephemnma.align import load_model
 
     res = S.read_star(out_star).particles
@@ -104,10 +104,10 @@ def speed(star: Path, modes_file: Path, levels: list[int], n: int) -> dict:
     """CPU seconds per particle, one thread, in this process (template bank timed apart)."""
     import torch
 
-    from deephemnma import star as S
+    from deephemnma.core import star as S
     from deephemnma.align import AlignSettings, Aligner, load_model
     from deephemnma.align.run import ctf_setup
-    from deephemnma.mrc import ParticleImages
+    from deephemnma.core.mrc import ParticleImages
 
     torch.set_num_threads(1)
     st = S.read_star(star)

@@ -29,10 +29,10 @@ PIPELINE = r"""
 import json, resource, time
 t = {}
 t0 = time.perf_counter()
-from deephemnma.star import read_star, write_star
+from deephemnma.core.star import read_star, write_star
 from deephemnma.landscape import build_landscape
 from deephemnma.groups import assign_groups, summarise_groups, export_groups
-from deephemnma.star import amplitude_columns, pc_columns
+from deephemnma.core.star import amplitude_columns, pc_columns
 import numpy as np
 t["import"] = time.perf_counter() - t0; t0 = time.perf_counter()
 star = read_star(__STAR__)
@@ -77,7 +77,7 @@ def make_table(path: Path, n: int, seed: int = 0) -> None:
     import numpy as np
     import pandas as pd
 
-    from deephemnma.star import write_star
+    from deephemnma.core.star import write_star
 
     rng = np.random.default_rng(seed)
     r = rng.uniform(0, 1, n)
@@ -135,7 +135,7 @@ def main() -> int:
         "grouping_methods_peak_rss_mb": round(m["peak_rss_mb"]),
         "targets": {"seconds": 60, "peak_rss_mb": 2048},
     }
-    write_result("landscape", figures, notes="single-threaded children; STAR I/O through deephemnma.star")
+    write_result("landscape", figures, notes="single-threaded children; STAR I/O through deephemnma.core.star")
     return 0
 
 

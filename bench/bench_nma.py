@@ -37,7 +37,7 @@ CHILD = r'''
 import json, resource, sys, time
 t_start = time.perf_counter()
 import numpy as np
-from deephemnma.structure import load_structure
+from deephemnma.core.structure import load_structure
 from deephemnma.nma import compute_modes
 case = json.loads(sys.argv[1]) if len(sys.argv) > 1 else json.loads({case!r})
 a = load_structure(case["pdb"], chains=["A"], atoms=case["atoms"])
@@ -72,7 +72,7 @@ print(json.dumps({{"n_atoms": len(x), "method": res.method, "dof": res.info["dof
 CHILD_MAP = r'''
 import json, resource, time
 import numpy as np
-from deephemnma.pseudoatoms import read_map, fit_pseudoatoms
+from deephemnma.nma.pseudoatoms import read_map, fit_pseudoatoms
 from deephemnma.nma import compute_modes
 t0 = time.perf_counter()
 vol = read_map({path!r})

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from deephemnma.star import read_star
+from deephemnma.core.star import read_star
 from deephemnma.reconstruct import ReconstructSettings, reconstruct_star
 rec = reconstruct_star(read_star(sys.argv[1]), ReconstructSettings(mask="none", interpolation=sys.argv[2],
                        device="cpu", batch_size=128), seed=0)
@@ -42,7 +42,7 @@ def make_data(tmp: Path, box: int, n: int, seed: int = 0) -> Path:
     import pandas as pd
     import starfile
 
-    from deephemnma.geometry import random_euler
+    from deephemnma.core.geometry import random_euler
 
     rng = np.random.default_rng(seed)
     stack = tmp / f"p{box}.mrcs"

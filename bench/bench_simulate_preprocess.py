@@ -83,7 +83,7 @@ REF = toy_reference(xyz, el, n_modes=3)
 
 def settings_code(**kw) -> str:
     return f"""
-from deephemnma.config import validate_config
+from deephemnma.core.config import validate_config
 from deephemnma.simulate import Settings
 S = Settings.from_config(validate_config({{'simulate': {kw!r}}}))
 """
@@ -121,8 +121,8 @@ finish({{'seconds': dt, 'n': {n}, 'particles_per_s': {n} / dt, 'snr_measured': m
 def make_preprocess_input(out: Path, n: int, box: int = 256, per_stack: int = 1000) -> Path:
     code = PRELUDE + f"""
 import pandas as pd
-from deephemnma.mrc import write_stack
-from deephemnma.star import write_star
+from deephemnma.core.mrc import write_stack
+from deephemnma.core.star import write_star
 out = __import__('pathlib').Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 names = []
@@ -146,7 +146,7 @@ finish({{'n': {n}}})
 
 def bench_preprocess(star: Path, out: Path, n: int) -> dict:
     code = PRELUDE + f"""
-from deephemnma.config import validate_config
+from deephemnma.core.config import validate_config
 from deephemnma.preprocess import PreprocessSettings, preprocess_dataset
 s = PreprocessSettings.from_config(validate_config({{'preprocess': {{'box': 128, 'set1_size': 1000,
                                                                    'chunk_size': 1000}}}}))

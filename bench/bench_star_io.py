@@ -1,16 +1,16 @@
-"""STAR I/O at a million particles: starfile vs deephemnma.star (read, write, streaming).
+"""STAR I/O at a million particles: starfile vs deephemnma.core.star (read, write, streaming).
 
 Builds a realistic RELION 3.1 particle file (one optics group, 25 particle columns like
 relion31.star: coordinates, micrograph and image names, CTF, angles, origins in Å, class
 and subset numbers, ...), then measures each operation in a fresh child process (its wall
 time and its own peak RSS), median of --repeats runs:
 
-- read:   ``starfile.read(path)``  vs  ``deephemnma.star.read_star(path)``
-- write:  ``starfile.write({optics, particles}, path)``  vs  ``deephemnma.star.write_star``
+- read:   ``starfile.read(path)``  vs  ``deephemnma.core.star.read_star(path)``
+- write:  ``starfile.write({optics, particles}, path)``  vs  ``deephemnma.core.star.write_star``
   (the child first loads the table with read_star; the peak RSS reported for a write is
   the growth of the peak above that loaded baseline, obtained by resetting the kernel's
   peak counter through /proc/self/clear_refs; the loaded baseline is reported too)
-- stream: ``deephemnma.star.iter_particles(path, 100_000)`` summing a column (bounded memory)
+- stream: ``deephemnma.core.star.iter_particles(path, 100_000)`` summing a column (bounded memory)
 
 Peak RSS is the child's ``VmHWM`` (/proc/self/status); ``ru_maxrss`` from getrusage is
 printed too but can include the forked parent's image at exec time.
@@ -75,13 +75,13 @@ t = time.perf_counter(); d = starfile.read(PATH); dt = time.perf_counter() - t
 print(json.dumps({"s": dt, "peak_rss_mb": _peak(), "ru_maxrss_mb": _rusage_peak(), "rows": len(d["particles"])}))
 """,
     "ours_read": """
-from deephemnma.star import read_star
+from deephemnma.core.star import read_star
 t = time.perf_counter(); s = read_star(PATH); dt = time.perf_counter() - t
 print(json.dumps({"s": dt, "peak_rss_mb": _peak(), "ru_maxrss_mb": _rusage_peak(), "rows": len(s.particles)}))
 """,
     "starfile_write": """
 import starfile
-from deephemnma.star import read_star
+from deephemnma.core.star import read_star
 s = read_star(PATH)
 base = _status('VmRSS'); ok = _reset_peak()
 t = time.perf_counter(); starfile.write({"optics": s.optics, "particles": s.particles}, OUT, overwrite=True)
@@ -91,7 +91,7 @@ print(json.dumps({"s": dt, "peak_rss_mb": peak, "baseline_rss_mb": base, "peak_o
                   "peak_reset": ok, "bytes": os.path.getsize(OUT)}))
 """,
     "ours_write": """
-from deephemnma.star import read_star, write_star
+from deephemnma.core.star import read_star, write_star
 s = read_star(PATH)
 base = _status('VmRSS'); ok = _reset_peak()
 t = time.perf_counter(); write_star(OUT, s.particles, s.optics); dt = time.perf_counter() - t
@@ -100,7 +100,7 @@ print(json.dumps({"s": dt, "peak_rss_mb": peak, "baseline_rss_mb": base, "peak_o
                   "peak_reset": ok, "bytes": os.path.getsize(OUT)}))
 """,
     "ours_stream": """
-from deephemnma.star import iter_particles
+from deephemnma.core.star import iter_particles
 t = time.perf_counter(); n = 0; acc = 0.0
 for chunk in iter_particles(PATH, 100_000):
     n += len(chunk); acc += float(chunk["rlnDefocusU"].sum())

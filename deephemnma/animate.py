@@ -19,33 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write_text
-from .logs import get_logger
+from .core.fileio import atomic_write_text
+from .core.logs import get_logger
+from .core.modes import displace, mode_stack
 
 log = get_logger(__name__)
-
-
-def displace(ref_coords, mode_vectors, amplitudes) -> np.ndarray:
-    """Coordinates (F, N, 3) = ref + Σ_m amplitudes[f, m] · mode_vectors[m] (M, N, 3)."""
-    X0 = np.asarray(ref_coords, np.float64)
-    V = np.asarray(mode_vectors, np.float64)
-    Q = np.atleast_2d(np.asarray(amplitudes, np.float64))
-    return X0[None] + np.einsum("fm,mnk->fnk", Q, V)
-
-
-def mode_stack(modes: dict[int, np.ndarray], columns: list[str]) -> np.ndarray:
-    """Mode vectors (M, N, 3) in the order of the model's amplitude columns."""
-    from .star import amplitude_modes
-
-    numbers = amplitude_modes(columns)
-    if len(numbers) != len(columns):
-        raise ValueError(f"landscape model columns {columns} are not all amplitude columns")
-    missing = [m for m in numbers if m not in modes]
-    if missing:
-        from .errors import InputError
-
-        raise InputError(None, f"the modes file lacks mode(s) {missing} used by the landscape model")
-    return np.stack([np.asarray(modes[m], np.float64).reshape(-1, 3) for m in numbers])
 
 
 def axis_values(model, axis: int, Y=None, n_frames: int = 21, quantile: float = 0.02) -> np.ndarray:
@@ -77,13 +55,13 @@ def axis_frames(model, axis: int, ref_coords, mode_vectors, Y=None, n_frames: in
 def write_axis_animations(outdir, atoms, modes: dict[int, np.ndarray], model, Y=None, n_frames: int = 21,
                           quantile: float = 0.02, bounce: bool = True, axes=None) -> list[Path]:
     """One multi-model PDB per landscape axis (``axis_01.pdb`` …) and ``chimerax.cxc``."""
-    from .structure import write_multimodel_pdb
+    from .core.structure import write_multimodel_pdb
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     V = mode_stack(modes, model.columns)
     if V.shape[1] != len(atoms.coords):
-        from .errors import InputError
+        from .core.errors import InputError
 
         raise InputError(getattr(atoms, "source", None), f"the reference has {len(atoms.coords)} atoms but the modes "
                          f"{V.shape[1]}: use the atom selection the modes were computed with")
@@ -106,7 +84,7 @@ def centroid_structures(outdir, atoms, modes: dict[int, np.ndarray], columns: li
                         ) -> list[Path]:
     """``group_NN_centroid.pdb`` for each group (mean amplitudes ``centroids[g]`` over
     ``columns``) and ``centroids.pdb`` with all of them as models (in group order)."""
-    from .structure import write_multimodel_pdb
+    from .core.structure import write_multimodel_pdb
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

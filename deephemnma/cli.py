@@ -22,8 +22,8 @@ from pathlib import Path
 from types import ModuleType
 
 from . import __version__
-from .errors import DeephemnmaError
-from .logs import get_logger, setup_logging
+from .core.errors import DeephemnmaError
+from .core.logs import get_logger, setup_logging
 
 log = get_logger("cli")
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
 
-    from .runtime import set_threads
+    from .core.runtime import set_threads
 
     args.threads = set_threads(args.threads)
     log_file = args.log or os.environ.get("DEEPHEMNMA_LOG") or None  # the env var passes launchers (horovodrun)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {injected}", file=sys.stderr)
         return 3
     try:
-        from .config import load_config
+        from .core.config import load_config
 
         config = load_config(args.config, args.overrides)
         log.debug("deephemnma %s %s", __version__, " ".join(sys.argv[1:] if argv is None else argv))

@@ -1,13 +1,13 @@
 """Accuracy against ground truth (synthetic data): the paper's metrics, and map FSCs.
 
 * :func:`centroid_map` — the map "simulated from a structure" against which group
-  reconstructions are compared (atoms rasterised by :func:`deephemnma.density.atoms_to_volume`).
+  reconstructions are compared (atoms rasterised by :func:`deephemnma.core.density.atoms_to_volume`).
 * :func:`load_ground_truth` — a CSV or STAR table keyed by ``rlnImageName`` with the true
   amplitudes (``dhnmaAmplitude007`` …), angles (``rlnAngleRot/Tilt/Psi``) and shifts
   (``rlnOriginX/YAngst``).
 * :func:`parameter_errors` — per particle: absolute amplitude error per mode, angle error
   (the paper's: mean over the three axes of the angle between corresponding rows of the two
-  rotation matrices, :func:`deephemnma.geometry.angular_error`), shift error (mean absolute
+  rotation matrices, :func:`deephemnma.core.geometry.angular_error`), shift error (mean absolute
   error over x and y, and Euclidean), and with the reference atoms and modes the RMSD terms
   (atoms displaced with predicted vs true amplitudes; rotated with predicted vs true angles;
   the shift difference).
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import fsc as fscmod
-from .errors import InputError
-from .density import atoms_to_volume
-from .geometry import angular_error, euler_to_matrix
-from .star import ANGLE_COLUMNS, IMAGE_NAME, ORIGIN_COLUMNS, ORIGINAL_IMAGE_NAME
+from .core import fsc as fscmod
+from .core.errors import InputError
+from .core.density import atoms_to_volume
+from .core.geometry import angular_error, euler_to_matrix
+from .core.star import ANGLE_COLUMNS, IMAGE_NAME, ORIGIN_COLUMNS, ORIGINAL_IMAGE_NAME
 
 ANGLES = list(ANGLE_COLUMNS)
 ORIGINS = list(ORIGIN_COLUMNS)
@@ -40,7 +40,7 @@ def load_ground_truth(path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(path, "ground-truth table not found")
     if path.suffix.lower() == ".star":
-        from .star import read_star
+        from .core.star import read_star
 
         df = read_star(path).particles
     else:
@@ -80,7 +80,7 @@ def align_tables(pred: pd.DataFrame, truth: pd.DataFrame, source=None, truth_sou
     truth_keys = _particle_keys(truth[IMAGE_NAME])
     idx = truth_keys.get_indexer(_particle_keys(pred[key]))
     if (idx < 0).any() and key == IMAGE_NAME and source is not None and truth_source is not None:
-        from .star import rebase_image_names
+        from .core.star import rebase_image_names
 
         names = rebase_image_names(pred[[IMAGE_NAME]], source, truth_source)[IMAGE_NAME]
         idx = truth_keys.get_indexer(_particle_keys(names))
@@ -99,11 +99,11 @@ def parameter_errors(pred: pd.DataFrame, truth: pd.DataFrame, modes: list[int] |
     x, y), ``shift_dist`` (Å, Euclidean); with ``ref_coords`` (N, 3) Å centred on the rotation
     centre and ``mode_vectors`` (M, N, 3) for ``modes``: ``rmsd_amp``, ``rmsd_angle``,
     ``rmsd_shift`` (Å)."""
-    from .star import amplitude_column
+    from .core.star import amplitude_column
 
     out = {IMAGE_NAME: pred[IMAGE_NAME].to_numpy()}
     if modes is None:
-        from .star import amplitude_modes
+        from .core.star import amplitude_modes
 
         modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
     dq = None

@@ -38,8 +38,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, InputError
-from .logs import get_logger
+from .core.errors import ConfigError, InputError
+from .core.kde import binned_kde
+from .core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -152,28 +153,6 @@ def assign_gmm(Y: np.ndarray, k: int, seed: int = 0, n_init: int = 2, min_probab
     return _relabel_by_size(labels)
 
 
-def binned_kde(Y2: np.ndarray, grid: int = 128, bandwidth: float | None = None):
-    """Density on a grid: (density (grid, grid) [x-index, y-index], x edges, y edges, cell indices
-    (n, 2) of each particle)."""
-    from scipy import ndimage
-
-    x, y = Y2[:, 0], Y2[:, 1]
-    n = len(x)
-    pad_x = 0.05 * (np.ptp(x) or 1.0)
-    pad_y = 0.05 * (np.ptp(y) or 1.0)
-    ex = np.linspace(x.min() - pad_x, x.max() + pad_x, grid + 1)
-    ey = np.linspace(y.min() - pad_y, y.max() + pad_y, grid + 1)
-    H, _, _ = np.histogram2d(x, y, bins=[ex, ey])
-    bw = bandwidth if bandwidth is not None else n ** (-1.0 / 6.0)  # Scott's rule in 2-D
-    sx = bw * (np.std(x) or 1.0) / (ex[1] - ex[0])
-    sy = bw * (np.std(y) or 1.0) / (ey[1] - ey[0])
-    D = ndimage.gaussian_filter(H, (sx, sy), mode="constant")
-    D /= max(D.sum(), 1e-300) * (ex[1] - ex[0]) * (ey[1] - ey[0])
-    cx = np.clip(np.searchsorted(ex, x, side="right") - 1, 0, grid - 1)
-    cy = np.clip(np.searchsorted(ey, y, side="right") - 1, 0, grid - 1)
-    return D, ex, ey, np.stack([cx, cy], 1)
-
-
 def assign_density(Y: np.ndarray, grid: int = 128, bandwidth: float | None = None, min_peak: float = 0.1,
                    max_groups: int = 10, level: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Labels from the density peaks of a binned KDE on the first two coordinates; returns
@@ -283,8 +262,8 @@ def export_groups(outdir, particles: pd.DataFrame, optics: pd.DataFrame | None, 
     Returns the JSON content."""
     from pathlib import Path
 
-    from .star import GROUP, write_star
-    from .fileio import atomic_path, atomic_write_json
+    from .core.star import GROUP, write_star
+    from .core.fileio import atomic_path, atomic_write_json
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

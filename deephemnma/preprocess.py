@@ -3,7 +3,7 @@
 Per image (the paper's §3.1.3 order; every step configurable in the ``preprocess`` section):
 
 1. **CTF phase flip** — the image's Fourier transform times sign(CTF), the CTF of that
-   particle from its STAR row (optics merged; :func:`deephemnma.ctf.phase_flip`), at the
+   particle from its STAR row (optics merged; :func:`deephemnma.core.ctf.phase_flip`), at the
    input box and pixel size. Skipped for optics groups whose images are already phase
    flipped (``rlnCtfDataArePhaseFlipped`` = 1) or CTF-premultiplied
    (``rlnCtfDataAreCtfPremultiplied`` = 1: CTF² has no sign to correct).
@@ -45,7 +45,7 @@ set to 1 for the optics groups whose images were flipped.
 
 Chunks are processed in parallel processes (each on one thread: same bytes whatever the
 number of processes), each reading only its particles (memory-mapped stacks) in batches
-and writing its stack with :class:`deephemnma.mrc.StackWriter`: memory does not grow with
+and writing its stack with :class:`deephemnma.core.mrc.StackWriter`: memory does not grow with
 the number of particles. A chunk whose record exists with the same settings fingerprint is
 not redone. :func:`plan_chunks` gives the chunk names from the particle count alone (for
 Snakemake at parse time).
@@ -64,18 +64,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError, InputError
-from .fileio import atomic_write_json
-from .imageops import crop_spectrum, normalise_background, radial_frequency, raised_cosine
-from .logs import get_logger, progress
-from .parallel import run_in_processes
+from .core.errors import ConfigError, InputError
+from .core.fileio import atomic_write_json
+from .core.imageops import crop_spectrum, normalise_background, radial_frequency, raised_cosine
+from .core.logs import get_logger, progress
+from .core.parallel import run_in_processes
 
 log = get_logger(__name__)
 
 STREAM_SPLIT = 11
 SETS = ("set1", "set2")
-from .star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
-from .star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
+from .core.star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
+from .core.star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
 FORMAT_VERSION = 1
 
 
@@ -214,7 +214,7 @@ def _flag(table: pd.DataFrame, col: str) -> np.ndarray:
 
 def output_optics(optics: pd.DataFrame, in_box: int, out_box: int, flipped_groups: Sequence) -> pd.DataFrame:
     """The optics table of the output: pixel size × D/d, image size d, phase-flip flag."""
-    from .star import DETECTOR_PIXEL_SIZE, IMAGE_PIXEL_SIZE, IMAGE_SIZE, MAGNIFICATION, OPTICS_GROUP
+    from .core.star import DETECTOR_PIXEL_SIZE, IMAGE_PIXEL_SIZE, IMAGE_SIZE, MAGNIFICATION, OPTICS_GROUP
 
     o = optics.copy()
     scale = in_box / out_box
@@ -240,9 +240,9 @@ def _worker_init(images, settings: PreprocessSettings, out_box: int, optics: pd.
 
 
 def _process_chunk(task: dict) -> dict:
-    from .ctf import CTFParams, compute_ctf
-    from .mrc import StackWriter
-    from .star import IMAGE_NAME, write_star
+    from .core.ctf import CTFParams, compute_ctf
+    from .core.mrc import StackWriter
+    from .core.star import IMAGE_NAME, write_star
 
     images = _WORKER["images"]
     settings: PreprocessSettings = _WORKER["settings"]
@@ -300,9 +300,9 @@ def preprocess_dataset(particles_star, out_dir, settings: PreprocessSettings, *,
     docstring). ``only``: chunk names (e.g. ``"set1/chunk_0003"``) to process, the others
     being left alone (the per-set STARs and the manifest are then not written: a call
     without ``only`` writes them once every chunk is complete, without redoing any). Returns the manifest (``{"complete": False, ...}`` when chunks remain)."""
-    from .ctf import CTFParams
-    from .mrc import ParticleImages
-    from .star import IMAGE_NAME, OPTICS_GROUP, image_locations, merged, pixel_sizes, read_star, write_star
+    from .core.ctf import CTFParams
+    from .core.mrc import ParticleImages
+    from .core.star import IMAGE_NAME, OPTICS_GROUP, image_locations, merged, pixel_sizes, read_star, write_star
 
     t0 = time.perf_counter()
     particles_star = Path(particles_star)
@@ -458,7 +458,7 @@ def _find_manifest(star_path) -> dict | None:
 
 
 def original_images(star, manifest: dict | str | os.PathLike | None = None):
-    """:class:`deephemnma.mrc.ParticleImages` of the ORIGINAL (full-size, unprocessed) images
+    """:class:`deephemnma.core.mrc.ParticleImages` of the ORIGINAL (full-size, unprocessed) images
     of the particles of a preprocessed STAR (``StarData`` or path), in its row order.
 
     ``dhnmaOriginalImageName`` holds each particle's ``rlnImageName`` verbatim as it was in
@@ -466,8 +466,8 @@ def original_images(star, manifest: dict | str | os.PathLike | None = None):
     input STAR resolved it, i.e. relative to ``original_star`` (and ``original_data_dir``)
     recorded in the manifest, which is found beside a set STAR or one level above a chunk
     STAR when not given. The original pixel size is ``dhnmaOriginalPixelSize``."""
-    from .mrc import ParticleImages
-    from .star import IMAGE_NAME, StarData, read_star
+    from .core.mrc import ParticleImages
+    from .core.star import IMAGE_NAME, StarData, read_star
 
     if not isinstance(star, StarData):
         star = read_star(star)

@@ -3,7 +3,7 @@
 For each particle of a STAR file (poses in ``rlnAngleRot/Tilt/Psi`` and
 ``rlnOriginX/YAngst``, CTF in the usual RELION columns) the image — read at its ORIGINAL size
 from the stack named in ``rlnImageName``, whatever size the network saw — is inserted into
-one of two :class:`~deephemnma.projection.FourierAccumulator` s (random half sets, seeded,
+one of two :class:`~deephemnma.core.projection.FourierAccumulator` s (random half sets, seeded,
 or RELION's ``rlnRandomSubset``). Shifts are in Å in the STAR file, so they are divided by
 the pixel size of the images actually read (the optics table's ``rlnImagePixelSize``); a
 STAR whose ``rlnImageSize`` disagrees with the stacks is refused.
@@ -37,14 +37,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import fsc as fscmod
-from .star import merged, pixel_sizes
-from .mrc import ParticleImages, write_volume
-from .errors import InputError
-from .fileio import atomic_path, atomic_write_json
-from .geometry import euler_to_matrix
-from .logs import get_logger, progress
-from .projection import FourierAccumulator
+from .core import fsc as fscmod
+from .core.star import merged, pixel_sizes
+from .core.mrc import ParticleImages, write_volume
+from .core.errors import InputError
+from .core.fileio import atomic_path, atomic_write_json
+from .core.geometry import euler_to_matrix
+from .core.logs import get_logger, progress
+from .core.projection import FourierAccumulator
 
 log = get_logger(__name__)
 
@@ -259,7 +259,7 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
     premult = False
     ctf_params = None
     if use_ctf:
-        from .ctf import CTFParams
+        from .core.ctf import CTFParams
 
         missing = [c for c in CTF_COLUMNS if c not in df.columns]
         if missing:
@@ -287,7 +287,7 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
         ob = torch.as_tensor(origins[s:e], dtype=torch.float64, device=device)
         ctf = None
         if use_ctf:
-            from .ctf import compute_ctf
+            from .core.ctf import compute_ctf
 
             ctf = compute_ctf(ctf_params[s:e], box, pix, device=device)
             if settings.ctf == "phase_flipped":

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fileio import atomic_write_text
-from .logs import get_logger
+from .core.fileio import atomic_write_text
+from .core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -86,7 +86,7 @@ def _img_tag(data: bytes, mime: str, caption: str) -> str:
 
 
 def _figure_to_tag(draw, caption: str) -> str:
-    """Render a figure drawn by ``draw(path)`` (a :mod:`deephemnma.plots` function) to an <img>."""
+    """Render a figure drawn by ``draw(path)`` (a :mod:`deephemnma.core.plots` function) to an <img>."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -147,7 +147,7 @@ def _is_training_history(df: pd.DataFrame) -> bool:
 
 
 def _render_dir(sec: _Section, root: Path, d: Path, max_rows: int, seed: int) -> None:
-    from . import plots
+    from .core import plots
 
     files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))[:MAX_FILES_PER_SECTION]
     imgs = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -211,8 +211,8 @@ def _render_dir(sec: _Section, root: Path, d: Path, max_rows: int, seed: int) ->
 
 
 def _landscape_from_star(sec: _Section, p: Path, rel, seed: int) -> None:
-    from . import plots
-    from .star import GROUP, pc_columns, read_star
+    from .core import plots
+    from .core.star import GROUP, pc_columns, read_star
 
     star = read_star(p)
     cols = pc_columns(star.particles)

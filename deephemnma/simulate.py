@@ -22,13 +22,13 @@ For each particle ``i``:
    the mean of its atom coordinates (the box centre is that point).
 2. **Density and projection** (``projector``): the deformed atoms with their elements'
    Peng (1996) electron scattering factors (optional B-factor) are rasterised as voxel
-   integrals (:mod:`deephemnma.density`) and projected along the particle's orientation:
+   integrals (:mod:`deephemnma.core.density`) and projected along the particle's orientation:
 
    * ``rotated_grid`` (default): rasterised on the voxel grid aligned with the particle's
      image (the exact real-space rotation of the continuous density, no interpolation) and
      integrated along z — ~45 ms per 256² particle of 1,656 atoms on one core;
    * ``fourier_slice``: rasterised into a D³ volume in the reference frame and projected with
-     :class:`deephemnma.projection.FourierSliceProjector` (``oversample`` × zero padding,
+     :class:`deephemnma.core.projection.FourierSliceProjector` (``oversample`` × zero padding,
      trilinear slice) — 4 s per 256² particle at oversample 1 and 8 s per 128² particle at
      oversample 2 (a full 3-D FFT per particle; oversample 2 at 256² needs a 512³ transform,
      ~5 GB), for validation and small sets. The two agree to a correlation > 0.95 at full
@@ -40,7 +40,7 @@ For each particle ``i``:
    ``origin ~ U(−shift_range, shift_range)`` pixels per axis (RELION ``rlnOriginX/YAngst``
    = origin × pixel size).
 3. **CTF and noise.** With ``x`` the noise-free projection, ``n₁, n₂`` white Gaussian noise,
-   and ``c`` the particle's CTF (RELION model, :mod:`deephemnma.ctf`)::
+   and ``c`` the particle's CTF (RELION model, :mod:`deephemnma.core.ctf`)::
 
        image = CTF ⊛ (x + σ₁ n₁) + σ₂ n₂          clean = CTF ⊛ x
 
@@ -103,13 +103,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import geometry
-from .ctf import CTFParams, compute_ctf
-from .density import AtomProfiles, atoms_to_images, atoms_to_volume_torch
-from .errors import ConfigError, InputError
-from .fileio import atomic_write_json
-from .imageops import circular_mask
-from .logs import get_logger, progress
+from .core import geometry
+from .core.ctf import CTFParams, compute_ctf
+from .core.density import AtomProfiles, atoms_to_images, atoms_to_volume_torch
+from .core.errors import ConfigError, InputError
+from .core.fileio import atomic_write_json
+from .core.imageops import circular_mask
+from .core.logs import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -124,7 +124,7 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------- inputs
 @dataclass
 class SimReference:
-    """What the simulation needs of a normal-mode analysis (:class:`deephemnma.nma.ModeSet`).
+    """What the simulation needs of a normal-mode analysis (:class:`deephemnma.core.modes.ModeSet`).
 
     ``coords`` (N, 3) Å in any frame and ``centre`` (3,) Å, the point that goes to the box
     centre (the mode file's ``centre``: the weighted centroid of the atoms, or a map's box
@@ -186,7 +186,7 @@ class SimReference:
 
     @classmethod
     def from_modes(cls, modes, source=None) -> "SimReference":
-        """From a :class:`deephemnma.nma.ModeSet` (attributes ``coords``, ``element``,
+        """From a :class:`deephemnma.core.modes.ModeSet` (attributes ``coords``, ``element``,
         ``mode_numbers``, ``modes`` (the vectors), ``weights``, ``sigma``, ``centre``, ``kind``)."""
         def pick(*names, required=True):
             for n in names:
@@ -203,12 +203,12 @@ class SimReference:
 
 
 def load_reference(path) -> SimReference:
-    """Read a mode file written by ``deephemnma nma`` (via :func:`deephemnma.nma.load_modes`)."""
-    from .fileio import require_file
+    """Read a mode file written by ``deephemnma nma`` (via :func:`deephemnma.core.modes.load_modes`)."""
+    from .core.fileio import require_file
 
     path = require_file(path, "mode file")
     try:
-        from .nma import load_modes
+        from .core.modes import load_modes
     except ImportError as exc:  # pragma: no cover - nma arrives on another branch
         raise InputError(path, f"cannot read mode files: deephemnma.nma is unavailable ({exc})") from None
     return SimReference.from_modes(load_modes(path), source=path)
@@ -387,8 +387,8 @@ def driven_modes(settings: Settings, reference: SimReference) -> list[int]:
 
 
 def amplitude_column(mode: int) -> str:
-    """``dhnmaAmplitude007``: :func:`deephemnma.star.amplitude_column`."""
-    from .star import amplitude_column as col
+    """``dhnmaAmplitude007``: :func:`deephemnma.core.star.amplitude_column`."""
+    from .core.star import amplitude_column as col
 
     return col(int(mode))
 
@@ -525,7 +525,7 @@ def project(reference: SimReference, profiles: AtomProfiles, params: pd.DataFram
     if settings.projector == "rotated_grid":
         return atoms_to_images(X, R, profiles, D, px, origins, truncate=settings.truncate)
     if settings.projector == "fourier_slice":
-        from .projection import FourierSliceProjector
+        from .core.projection import FourierSliceProjector
 
         out = []
         for b in range(len(X)):
@@ -635,7 +635,7 @@ def _worker_init(reference: SimReference, settings: Settings, noise: NoiseModel 
 
 def _render_chunk(task: dict) -> dict:
     """Render and write one chunk; return its record (also written as the chunk's JSON)."""
-    from .mrc import StackWriter
+    from .core.mrc import StackWriter
 
     reference: SimReference = _WORKER["reference"]
     settings: Settings = _WORKER["settings"]
@@ -751,7 +751,7 @@ def tables(settings: Settings, reference: SimReference, params: pd.DataFrame | N
 def simulate_dataset(reference: SimReference, settings: Settings, out_dir, workers: int = 1) -> dict:
     """Simulate ``settings.n_particles`` particles into ``out_dir`` (see the module docstring);
     returns the manifest (also written as ``simulate.json``)."""
-    from .star import write_star
+    from .core.star import write_star
 
     out_dir = Path(out_dir)
     (out_dir / "stacks").mkdir(parents=True, exist_ok=True)
@@ -790,7 +790,7 @@ def simulate_dataset(reference: SimReference, settings: Settings, out_dir, worke
             _WORKER.clear()
             _WORKER.update(saved)
     else:
-        from .parallel import run_in_processes
+        from .core.parallel import run_in_processes
 
         for rec in run_in_processes(_render_chunk, todo, workers, _worker_init, (reference, settings, noise)):
             records[rec["chunk"]] = rec

@@ -15,9 +15,9 @@ import pandas as pd
 import starfile
 import torch
 
-from deephemnma.ctf import CTFParams, apply_ctf, compute_ctf
-from deephemnma.geometry import matrix_to_euler, random_rotations
-from deephemnma.projection import project_gaussians
+from deephemnma.core.ctf import CTFParams, apply_ctf, compute_ctf
+from deephemnma.core.geometry import matrix_to_euler, random_rotations
+from deephemnma.core.projection import project_gaussians
 
 
 def blob_model(n_atoms=30, scale=6.0, seed=0):

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from deephemnma import geometry
-from deephemnma import star as S
+from deephemnma.core import geometry
+from deephemnma.core import star as S
 from deephemnma.align import AlignSettings, Aligner, FLAG_AT_BOUND, align_star, load_model, progress_dir
 from deephemnma.align.synthetic import simulate_images, toy_modes, write_dataset
-from deephemnma.ctf import CTFParams
-from deephemnma.mrc import write_stack
+from deephemnma.core.ctf import CTFParams
+from deephemnma.core.mrc import write_stack
 
 BOX, PX = 64, 1.3
 #: cheap settings for the tests of the command's mechanics (not of its accuracy)
@@ -108,7 +108,7 @@ def test_cli_output_columns_and_determinism(run_cli, modes_file, small_set, tmp_
     pd.testing.assert_frame_equal(p[others], inp.particles[others])
     pd.testing.assert_frame_equal(res.optics, inp.optics)
     # the output lives elsewhere: its image names are rebased and still find the same images
-    from deephemnma.mrc import ParticleImages
+    from deephemnma.core.mrc import ParticleImages
 
     assert np.array_equal(ParticleImages.from_star(res).read(np.arange(5)), ParticleImages.from_star(inp).read(np.arange(5)))
     for c in (*S.POSE_COLUMNS, "dhnmaAmplitude007", "dhnmaAmplitude008", "dhnmaAmplitude009", S.SCORE, S.CONVERGED,

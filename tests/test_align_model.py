@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import geometry
+from deephemnma.core import geometry
 from deephemnma.align import load_model, model_from_modes
 from deephemnma.align.levels import Level, LevelData, crop_rfft, ctf_for_level
 from deephemnma.align.refine import rotation_from_vector
 from deephemnma.align.search import TemplateBank, _band_index, orientation_grid, shift_grid
 from deephemnma.align.synthetic import toy_modes
-from deephemnma.errors import InputError
-from deephemnma.nma import load_modes
-from deephemnma.projection import project_gaussians
+from deephemnma.core.errors import InputError
+from deephemnma.core.modes import load_modes
+from deephemnma.core.projection import project_gaussians
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import starfile
 
-from deephemnma.config import validate_config
+from deephemnma.core.config import validate_config
 from deephemnma.nma import run_nma
-from deephemnma.animate import axis_frames, centroid_structures, displace, write_axis_animations
+from deephemnma.animate import axis_frames, centroid_structures, write_axis_animations
+from deephemnma.core.modes import displace
 from deephemnma.landscape import PCAModel
 
 from _landsim import optics_table

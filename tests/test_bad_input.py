@@ -6,7 +6,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from deephemnma import star as S
+from deephemnma.core import star as S
 
 OPTICS = "data_optics\nloop_\n_rlnOpticsGroup\n_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n" \
          "_rlnImagePixelSize\n_rlnImageSize\n1 300 2.7 0.1 1.5 16\n\n"

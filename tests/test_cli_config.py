@@ -4,8 +4,8 @@ from __future__ import annotations
 import yaml
 import pytest
 
-from deephemnma.config import load_config, validate_config, defaults
-from deephemnma.errors import ConfigError
+from deephemnma.core.config import load_config, validate_config, defaults
+from deephemnma.core.errors import ConfigError
 
 
 def test_defaults_filled_from_schema():
@@ -42,7 +42,7 @@ def test_embedded_default_config_is_valid():
 
 def test_snakemake_validate_agrees(tmp_path):
     snakemake_utils = pytest.importorskip("snakemake.utils")
-    from deephemnma.config import SCHEMA_PATH
+    from deephemnma.core.config import SCHEMA_PATH
 
     cfg = {"seed": 1}
     snakemake_utils.validate(cfg, str(SCHEMA_PATH), set_default=True)
@@ -71,7 +71,7 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
     import os
     import stat
 
-    from deephemnma.fileio import atomic_path, atomic_write_text
+    from deephemnma.core.fileio import atomic_path, atomic_write_text
 
     atomic_write_text(tmp_path / "a.txt", "x")
     mask = os.umask(0)

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import star as starmod
-from deephemnma.geometry import euler_to_matrix
-from deephemnma.mrc import ParticleImages, read_volume
-from deephemnma.projection import FourierAccumulator, FourierSliceProjector
+from deephemnma.core import star as starmod
+from deephemnma.core.geometry import euler_to_matrix
+from deephemnma.core.mrc import ParticleImages, read_volume
+from deephemnma.core.projection import FourierAccumulator, FourierSliceProjector
 
 pytestmark = pytest.mark.peer
 

@@ -6,8 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from deephemnma.ctf import CTFParams, compute_ctf, electron_wavelength, frequency_grid, phase_flip, wiener_filter, apply_ctf
-from deephemnma.errors import InputError
+from deephemnma.core.ctf import (
+    CTFParams,
+    compute_ctf,
+    electron_wavelength,
+    frequency_grid,
+    phase_flip,
+    wiener_filter,
+    apply_ctf,
+)
+from deephemnma.core.errors import InputError
 
 
 def test_wavelength_300kv():

@@ -6,7 +6,7 @@ from collections import Counter
 import gemmi
 import pytest
 
-from deephemnma import demo_data
+from deephemnma.core import demo_data
 
 CHARMM = """\
 ATOM      1 N    MET     1     -11.921  26.307  10.410  1.00 38.38      4AKE

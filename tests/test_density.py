@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import density
-from deephemnma.density import AtomProfiles, atoms_to_images, atoms_to_volume, scattering_weights
-from deephemnma.geometry import random_rotations
-from deephemnma.projection import FourierSliceProjector, project_gaussians
+from deephemnma.core import density
+from deephemnma.core.density import AtomProfiles, atoms_to_images, atoms_to_volume, scattering_weights
+from deephemnma.core.geometry import random_rotations
+from deephemnma.core.projection import FourierSliceProjector, project_gaussians
 
 from _sim_helpers import blob
 

@@ -10,13 +10,21 @@ import pytest
 import starfile
 import torch
 
-from deephemnma.config import validate_config
+from deephemnma.core.config import validate_config
 from deephemnma.nma import run_nma
-from deephemnma.density import atoms_to_volume
-from deephemnma.evaluate import (align_tables, best_translation, centroid_map, evaluate_group_maps, load_ground_truth,
-                                 parameter_errors, shift_volume, summarise_errors)
-from deephemnma.geometry import euler_to_matrix, matrix_to_euler, random_rotations
-from deephemnma.projection import FourierSliceProjector, project_gaussians
+from deephemnma.core.density import atoms_to_volume
+from deephemnma.evaluate import (
+    align_tables,
+    best_translation,
+    centroid_map,
+    evaluate_group_maps,
+    load_ground_truth,
+    parameter_errors,
+    shift_volume,
+    summarise_errors,
+)
+from deephemnma.core.geometry import euler_to_matrix, matrix_to_euler, random_rotations
+from deephemnma.core.projection import FourierSliceProjector, project_gaussians
 
 from _landsim import optics_table
 
@@ -98,7 +106,7 @@ def test_translation_alignment_and_group_fsc():
 
 def test_ground_truth_table_errors(tmp_path):
     pd.DataFrame({"_rlnImageName": ["1@a", "1@a"], "x": [1, 2]}).to_csv(tmp_path / "dup.csv", index=False)
-    from deephemnma.errors import InputError
+    from deephemnma.core.errors import InputError
 
     with pytest.raises(InputError, match="duplicate"):
         load_ground_truth(tmp_path / "dup.csv")
@@ -110,7 +118,7 @@ def test_ground_truth_table_errors(tmp_path):
 def test_align_tables_matches_rebased_and_padded_names(tmp_path):
     """A group STAR one directory down names ``000002@../p.mrcs``; the truth next to the stack
     names ``2@p.mrcs``: the same particle. A name of another stack has no ground truth."""
-    from deephemnma.errors import InputError
+    from deephemnma.core.errors import InputError
 
     (tmp_path / "p.mrcs").write_bytes(b"")
     (tmp_path / "g").mkdir()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from deephemnma import geometry as g
+from deephemnma.core import geometry as g
 
 
 @pytest.fixture

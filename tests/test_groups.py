@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import starfile
 
-from deephemnma.star import read_star
-from deephemnma.errors import ConfigError
+from deephemnma.core.star import read_star
+from deephemnma.core.errors import ConfigError
 from deephemnma.groups import assign_bins, assign_boxes, assign_groups, summarise_groups
 
 from _landsim import optics_table

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import imageops
-from deephemnma.density import AtomProfiles, atoms_to_images
-from deephemnma.geometry import random_rotations
+from deephemnma.core import imageops
+from deephemnma.core.density import AtomProfiles, atoms_to_images
+from deephemnma.core.geometry import random_rotations
 
 from _sim_helpers import blob
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from deephemnma.star import read_star
-from deephemnma.landscape import (PCAModel, SpectralModel, build_landscape, concat_particle_sets, load_model)
+from deephemnma.core.star import read_star
+from deephemnma.landscape import PCAModel, SpectralModel, build_landscape, concat_particle_sets, load_model
 
 from _landsim import gaussian_table, optics_table
 

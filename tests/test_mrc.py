@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deephemnma import star as S
-from deephemnma.errors import InputError
-from deephemnma.mrc import ParticleImages, StackWriter, read_header, read_volume, write_stack, write_volume
+from deephemnma.core import star as S
+from deephemnma.core.errors import InputError
+from deephemnma.core.mrc import ParticleImages, StackWriter, read_header, read_volume, write_stack, write_volume
 
 
 def mrc_data(path) -> np.ndarray:

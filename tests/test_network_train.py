@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import geometry
+from deephemnma.core import geometry
 
 REPO = Path(__file__).resolve().parent.parent
 

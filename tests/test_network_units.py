@@ -6,12 +6,19 @@ import pandas as pd
 import pytest
 import torch
 
-from deephemnma import geometry
-from deephemnma.errors import InputError
+from deephemnma.core import geometry
+from deephemnma.core.errors import InputError
 from deephemnma.network import data as ndata
 from deephemnma.network.model import ModelConfig, build_model
-from deephemnma.network.targets import (TargetCodec, amplitude_column, head_losses, mean_prediction_baseline,
-                                        particle_errors, quaternion_dot, quaternion_l1)
+from deephemnma.network.targets import (
+    TargetCodec,
+    amplitude_column,
+    head_losses,
+    mean_prediction_baseline,
+    particle_errors,
+    quaternion_dot,
+    quaternion_l1,
+)
 from deephemnma.network.train import RECIPES, TrainSettings, lr_factor
 
 
@@ -121,7 +128,7 @@ def test_mean_prediction_baseline_is_what_it_says():
 def projector():
     """A voxel volume of an asymmetric Gaussian-atom molecule, projected by Fourier slices."""
     from deephemnma.network.toydata import toy_molecule
-    from deephemnma.projection import FourierSliceProjector
+    from deephemnma.core.projection import FourierSliceProjector
 
     D, px = 32, 3.0
     coords, _ = toy_molecule(n_atoms=20, radius=20)
@@ -244,7 +251,7 @@ def test_recipes_and_lr_schedules():
 
 
 def test_schema_defaults_resolve():
-    from deephemnma.config import defaults
+    from deephemnma.core.config import defaults
 
     s = TrainSettings.from_config(defaults()["network"], seed=7)
     assert s.seed == 7 and s.recipe == "fast" and s.mode == "joint" and s.arch == "resnet34"

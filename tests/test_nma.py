@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import enm
-from deephemnma.errors import ConfigError, InputError
-from deephemnma.nma import (
-    amplitudes_to_rmsd,
-    animate,
-    compute_modes,
-    deform,
-    load_modes,
-    run_nma,
-    save_modes,
-    select_modes,
-)
-from deephemnma.pseudoatoms import MapVolume, fit_pseudoatoms, read_map, render_pseudoatoms
-from deephemnma.structure import load_structure, match_atoms, superpose
+from deephemnma.nma import enm
+from deephemnma.core.errors import ConfigError, InputError
+from deephemnma.core.modes import amplitudes_to_rmsd, deform, load_modes, save_modes
+from deephemnma.nma import animate, compute_modes, run_nma, select_modes
+from deephemnma.nma.pseudoatoms import MapVolume, fit_pseudoatoms, read_map, render_pseudoatoms
+from deephemnma.core.structure import load_structure, match_atoms, superpose
 
 
 def _random_rotation(seed=0):
@@ -342,7 +334,7 @@ def test_pseudoatoms_real_map(ak_dir):
 
 
 def _config(**nma):
-    from deephemnma.config import validate_config
+    from deephemnma.core.config import validate_config
 
     return validate_config({"reference": {"chains": ["A"]}, "nma": nma})
 

@@ -9,9 +9,9 @@ import pytest
 import starfile
 from scipy.stats import chi
 
-from deephemnma.star import read_star
-from deephemnma.errors import InputError
-from deephemnma.outliers import MahalanobisFilter, expected_kept_fraction, filter_table
+from deephemnma.core.star import read_star
+from deephemnma.core.errors import InputError
+from deephemnma.filter import MahalanobisFilter, expected_kept_fraction, filter_table
 
 from _landsim import gaussian_table, optics_table
 

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from deephemnma import star as starmod
-from deephemnma.ctf import CTFParams, compute_ctf, frequency_grid
-from deephemnma.geometry import matrix_to_euler, random_rotations
-from deephemnma.mrc import read_volume, write_stack
-from deephemnma.projection import FourierSliceProjector
+from deephemnma.core import star as starmod
+from deephemnma.core.ctf import CTFParams, compute_ctf, frequency_grid
+from deephemnma.core.geometry import matrix_to_euler, random_rotations
+from deephemnma.core.mrc import read_volume, write_stack
+from deephemnma.core.projection import FourierSliceProjector
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma import imageops
+from deephemnma.core import imageops
 from deephemnma import preprocess as pp
 from deephemnma import simulate as sim
-from deephemnma.config import validate_config
-from deephemnma.ctf import CTFParams, compute_ctf, phase_flip
+from deephemnma.core.config import validate_config
+from deephemnma.core.ctf import CTFParams, compute_ctf, phase_flip
 from deephemnma.preprocess import PreprocessSettings
 
 from _sim_helpers import toy_reference
@@ -42,7 +42,7 @@ def read_stack(path):
 
 
 def test_phase_flip_is_sign_of_ctf(simulated):
-    from deephemnma.star import merged, read_star
+    from deephemnma.core.star import merged, read_star
 
     star = read_star(simulated / "particles.star")
     ctf = compute_ctf(CTFParams.from_table(merged(star)), 64, 0.6)
@@ -105,8 +105,8 @@ def test_split_and_plan():
 
 
 def test_preprocess_simulated_dataset(simulated, tmp_path):
-    from deephemnma.mrc import ParticleImages
-    from deephemnma.star import read_star
+    from deephemnma.core.mrc import ParticleImages
+    from deephemnma.core.star import read_star
 
     out = tmp_path / "prep"
     s = psettings(box=32, set1_size=25, chunk_size=10)
@@ -191,7 +191,7 @@ def test_same_bytes_any_workers_resume_and_chunks(simulated, tmp_path):
 
 @pytest.mark.peer
 def test_real_relion31_data(peer_dir, tmp_path, run_cli):
-    from deephemnma.star import read_star
+    from deephemnma.core.star import read_star
 
     out = tmp_path / "prep"
     r = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--out-dir", out,

@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from deephemnma.ctf import CTFParams, compute_ctf
-from deephemnma.geometry import euler_to_matrix, random_rotations
-from deephemnma.projection import (FourierAccumulator, FourierSliceProjector, fourier_shift, project_gaussians,
-                                   recenter)
+from deephemnma.core.ctf import CTFParams, compute_ctf
+from deephemnma.core.geometry import euler_to_matrix, random_rotations
+from deephemnma.core.projection import (
+    FourierAccumulator,
+    FourierSliceProjector,
+    fourier_shift,
+    project_gaussians,
+    recenter,
+)
 
 
 def blob_volume(coords, weights, sigma, box, pix):

@@ -10,13 +10,13 @@ import pytest
 import starfile
 import torch
 
-from deephemnma import fsc as F
-from deephemnma.star import merged, read_star
-from deephemnma.mrc import ParticleImages
-from deephemnma.ctf import CTFParams, compute_ctf, phase_flip
-from deephemnma.errors import InputError
-from deephemnma.density import atoms_to_volume
-from deephemnma.projection import FourierSliceProjector
+from deephemnma.core import fsc as F
+from deephemnma.core.star import merged, read_star
+from deephemnma.core.mrc import ParticleImages
+from deephemnma.core.ctf import CTFParams, compute_ctf, phase_flip
+from deephemnma.core.errors import InputError
+from deephemnma.core.density import atoms_to_volume
+from deephemnma.core.projection import FourierSliceProjector
 from deephemnma.reconstruct import ReconstructSettings, half_set_labels, poses_from_table, reconstruct_star
 
 from _landsim import simulate_particles
@@ -56,7 +56,7 @@ def test_toy_projections_reconstruct_and_reproject(peer_dir):
           f"re-projection correlation mean {cc.mean():.4f} min {cc.min():.4f}")
     assert res <= 2.727  # at least as good as cryoDRGN's reconstruction of the same data
     # and the map is the toy model
-    from deephemnma.mrc import read_volume
+    from deephemnma.core.mrc import read_volume
 
     truth = read_volume(peer_dir / "toymodel_small_nocenter.mrc").data
     assert np.corrcoef(rec.map.ravel(), truth.ravel())[0, 1] > 0.95
@@ -191,7 +191,7 @@ def test_masked_fsc_removes_mask_correlation():
 def test_accumulator_merge_state_and_interpolation(sim):
     """Partial sums merge exactly (chunked / distributed insertion); state dicts round-trip;
     nearest-neighbour insertion is a usable faster alternative."""
-    from deephemnma.projection import FourierAccumulator
+    from deephemnma.core.projection import FourierAccumulator
     from deephemnma.reconstruct import poses_from_table
 
     star = read_star(sim["star"])

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from deephemnma import plots
+from deephemnma.core import plots
 from deephemnma.report import build_report
 
 from _landsim import optics_table

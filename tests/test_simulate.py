@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from deephemnma import simulate as sim
-from deephemnma.config import validate_config
-from deephemnma.ctf import CTFParams, compute_ctf
-from deephemnma.errors import ConfigError
-from deephemnma.imageops import circular_mask
+from deephemnma.core.config import validate_config
+from deephemnma.core.ctf import CTFParams, compute_ctf
+from deephemnma.core.errors import ConfigError
+from deephemnma.core.imageops import circular_mask
 from deephemnma.simulate import Settings, SimReference
 
 from _sim_helpers import ak_heavy_atoms, toy_reference
@@ -75,7 +75,7 @@ def test_helix_parameters_and_ranges(ref):
     assert np.abs(o).max() <= 5.0 and np.abs(o).max() > 4.9
     assert (df["rlnDefocusU"] == 5000).all() and (df["rlnDefocusV"] == 5000).all()
     # uniform on SO(3): the mean rotation matrix vanishes, tilt follows sin(tilt)
-    from deephemnma.geometry import euler_to_matrix
+    from deephemnma.core.geometry import euler_to_matrix
 
     A = euler_to_matrix(df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy())
     assert np.abs(A.mean(0)).max() < 0.05
@@ -132,8 +132,8 @@ def test_parameters_are_per_chunk_deterministic(ref):
 def test_outputs_and_star_files(dataset):
     import starfile
 
-    from deephemnma.mrc import ParticleImages
-    from deephemnma.star import read_star
+    from deephemnma.core.mrc import ParticleImages
+    from deephemnma.core.star import read_star
 
     out, s, manifest = dataset
     for c in range(3):
@@ -191,7 +191,7 @@ def test_snr_matches_target(dataset):
 
 
 def test_ground_truth_reproduces_noise_free_images(dataset, ref):
-    from deephemnma.star import read_star
+    from deephemnma.core.star import read_star
 
     out, s, _ = dataset
     truth = read_star(out / "ground_truth.star").particles
@@ -271,18 +271,18 @@ def test_no_noise_no_ctf(ref, tmp_path):
     m = sim.simulate_dataset(ref, s, tmp_path, workers=1)
     assert m["noise"] is None and m["snr_measured"] is None
     assert (tmp_path / "stacks/clean_0000.mrcs").is_file() and not (tmp_path / "stacks/particles_0000.mrcs").exists()
-    from deephemnma.star import read_star
+    from deephemnma.core.star import read_star
 
     st = read_star(tmp_path / "particles.star")
     assert "rlnDefocusU" not in st.particles and st.particles["rlnImageName"][0] == "000001@stacks/clean_0000.mrcs"
-    from deephemnma.mrc import ParticleImages
+    from deephemnma.core.mrc import ParticleImages
 
     assert ParticleImages.from_star(st).read([3]).shape == (1, 32, 32)
     assert not (tmp_path / "clean.star").exists() and not (tmp_path / "projections.star").exists()
 
 
 def test_reference_from_mode_set_object():
-    class Modes:  # the attributes of deephemnma.nma.ModeSet used here
+    class Modes:  # the attributes of deephemnma.core.modes.ModeSet used here
         coords = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
         element = np.array(["C", "O"])
         mode_numbers = np.array([7])
@@ -322,8 +322,8 @@ def test_paper_defaults_on_adenylate_kinase(ak_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_nma_simulate_preprocess(ak_dir, tmp_path, run_cli):
     """The commands chained as the workflow will: nma → simulate → preprocess."""
-    from deephemnma.nma import load_modes
-    from deephemnma.star import read_star
+    from deephemnma.core.modes import load_modes
+    from deephemnma.core.star import read_star
 
     modes = tmp_path / "modes.npz"
     r = run_cli("nma", "--reference", ak_dir / "4ake.pdb", "--out", modes, "--set", "reference.chains=[A]")

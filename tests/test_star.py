@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import starfile
 
-from deephemnma import star as S
-from deephemnma.errors import InputError
+from deephemnma.core import star as S
+from deephemnma.core.errors import InputError
 
 PEER_STARS = [
     "FinalRefinement-OriginalParticles-PfCRT.star", "empiar_10076_7.star", "relion31.6opticsgroups.star",
@@ -549,8 +549,8 @@ def test_writer_without_pyarrow_writes_the_same_values(tmp_path, monkeypatch):
 
 def test_write_elsewhere_rebases_image_paths(tmp_path):
     """A STAR written into another directory with ``source=`` still finds its images."""
-    from deephemnma.mrc import ParticleImages, write_stack
-    from deephemnma.star import concat_stars, count_particles, read_star, write_star
+    from deephemnma.core.mrc import ParticleImages, write_stack
+    from deephemnma.core.star import concat_stars, count_particles, read_star, write_star
 
     (tmp_path / "a" / "stacks").mkdir(parents=True)
     imgs = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)

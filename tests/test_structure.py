@@ -6,8 +6,8 @@ import gemmi
 import numpy as np
 import pytest
 
-from deephemnma.errors import InputError
-from deephemnma.structure import (
+from deephemnma.core.errors import InputError
+from deephemnma.core.structure import (
     Atoms,
     element_weights,
     kabsch,

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field, asdict
 import numpy as np
 import torch
 
-from .. import geometry
-from ..ctf import CTFParams
+from ..core import geometry
+from ..core.ctf import CTFParams
 from .levels import Level, LevelData, ctf_for_level
 from .model import ElasticModel
 from .refine import refine
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .search import TemplateBank, amplitude_grid, orientation_grid
 
 #: largest template bank (GB) the search may build

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ctf import CTFParams, compute_ctf
+from ..core.ctf import CTFParams, compute_ctf
 
 #: CTF handling modes
 CTF_RAW, CTF_FLIPPED, CTF_PREMULTIPLIED, CTF_NONE = "raw", "phase_flipped", "premultiplied", "none"

@@ -7,8 +7,8 @@ convention, so that amplitudes are on the paper's scale):
 
     x(q) = x0 + Σ_k q_k V_k
 
-then rotated by ``A`` (RELION convention, :mod:`deephemnma.geometry`), shifted by
-``−origin`` and projected analytically (:func:`deephemnma.projection.project_gaussians`).
+then rotated by ``A`` (RELION convention, :mod:`deephemnma.core.geometry`), shifted by
+``−origin`` and projected analytically (:func:`deephemnma.core.projection.project_gaussians`).
 
 The reference is centred on the unweighted mean of its atom coordinates, the convention of
 ``deephemnma simulate`` (the particle's centre is that point); ``center=False`` keeps the
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 #: default Gaussian width (Å) of an atom when the mode set gives none
 DEFAULT_ATOM_SIGMA = 1.0
@@ -166,7 +166,7 @@ class ElasticModel:
         pixels of this box). Differentiable in rotations, origins and amplitudes. ``extra_sigma``
         (Å) widens every Gaussian in quadrature (an anti-aliasing blur matched on the data side).
 
-        Same image as :func:`deephemnma.projection.project_gaussians` (tested), computed by
+        Same image as :func:`deephemnma.core.projection.project_gaussians` (tested), computed by
         :func:`splat_gaussians` with a hand-written backward pass and clamped exponents (the
         underflowing Gaussian tails otherwise take the slow path of ``exp``)."""
         dtype = rotations.dtype
@@ -242,7 +242,7 @@ def splat_gaussians(px: torch.Tensor, py: torch.Tensor, s: torch.Tensor, amp: to
 
 # ---------------------------------------------------------------------- loading
 def model_from_modes(modes, *, select=None, atom_sigma: float | None = None, source=None) -> ElasticModel:
-    """Build an :class:`ElasticModel` from a :class:`deephemnma.nma.ModeSet` (or any object
+    """Build an :class:`ElasticModel` from a :class:`deephemnma.core.modes.ModeSet` (or any object
     with its fields: ``coords``, ``weights``, ``sigma``, ``mode_numbers``, ``modes`` (vectors),
     optionally ``centre``, ``computed_numbers``/``computed_modes``).
 
@@ -291,7 +291,7 @@ def model_from_modes(modes, *, select=None, atom_sigma: float | None = None, sou
 
 
 def load_model(path, *, select=None, atom_sigma: float | None = None) -> ElasticModel:
-    """Read a mode file written by ``deephemnma nma`` (:func:`deephemnma.nma.load_modes`)."""
-    from ..nma import load_modes
+    """Read a mode file written by ``deephemnma nma`` (:func:`deephemnma.core.modes.load_modes`)."""
+    from ..core.modes import load_modes
 
     return model_from_modes(load_modes(path), select=select, atom_sigma=atom_sigma, source=Path(path))

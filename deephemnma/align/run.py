@@ -15,11 +15,11 @@ input column kept and these columns set (replaced when present):
 ``dhnmaFlag``                      bit flags (0 = fine), below
 =================================  ==========================================================
 
-Flags: :data:`~deephemnma.star.FLAG_NOT_CONVERGED` (1) the refinement was still moving at
-its iteration limit; :data:`~deephemnma.star.FLAG_JUNK` (2) junk: the score is not
+Flags: :data:`~deephemnma.core.star.FLAG_NOT_CONVERGED` (1) the refinement was still moving at
+its iteration limit; :data:`~deephemnma.core.star.FLAG_JUNK` (2) junk: the score is not
 significantly above what pure noise reaches (``significance`` below ``align.min_significance``);
-:data:`~deephemnma.star.FLAG_BAD_IMAGE` (4) empty (constant) or unreadable image, not aligned
-(zero pose and amplitudes, score 0); :data:`~deephemnma.star.FLAG_AT_BOUND` (8) an amplitude reached its bound.
+:data:`~deephemnma.core.star.FLAG_BAD_IMAGE` (4) empty (constant) or unreadable image, not aligned
+(zero pose and amplitudes, score 0); :data:`~deephemnma.core.star.FLAG_AT_BOUND` (8) an amplitude reached its bound.
 
 Resume
 ------
@@ -45,11 +45,11 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from .. import star as S
-from ..ctf import CTFParams
-from ..errors import ConfigError, InputError
-from ..fileio import atomic_path, atomic_write_json
-from ..logs import get_logger, progress
+from ..core import star as S
+from ..core.ctf import CTFParams
+from ..core.errors import ConfigError, InputError
+from ..core.fileio import atomic_path, atomic_write_json
+from ..core.logs import get_logger, progress
 from .core import AlignSettings, Aligner, BatchResult
 from .levels import CTF_FLIPPED, CTF_NONE, CTF_PREMULTIPLIED, CTF_RAW
 from .model import ElasticModel, load_model
@@ -175,7 +175,7 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
     """Align every particle of ``particles`` (STAR) against the mode set ``modes_path`` and
     write ``out`` (see the module docstring). ``stop_after``: stop after that many new batches
     without writing the output (for tests of the resume mechanics). Returns a summary."""
-    from ..mrc import ParticleImages
+    from ..core.mrc import ParticleImages
 
     settings = settings or AlignSettings()
     t0 = time.perf_counter()

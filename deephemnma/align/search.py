@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import geometry
+from ..core import geometry
 from .levels import Level, LevelData
 from .model import ElasticModel
 
@@ -224,7 +224,7 @@ class _CentralSlices:
     (frequencies |k| ≤ box/2 in units of the volume's box), phase referenced to the volume's
     centre. The volume (size V ≥ box) is zero-padded twice, pre-corrected for trilinear
     interpolation (sinc²) and transformed once; slices are trilinearly interpolated — the
-    Fourier-slice projection of :class:`deephemnma.projection.FourierSliceProjector`,
+    Fourier-slice projection of :class:`deephemnma.core.projection.FourierSliceProjector`,
     restricted to the low frequencies a ``box``² template needs."""
 
     def __init__(self, volume: np.ndarray, box: int, oversample: int = 2):

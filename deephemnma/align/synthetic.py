@@ -2,13 +2,13 @@
 images simulated through a *voxel volume* (not through the alignment's analytic projector).
 
 * :func:`toy_atoms` — a compact random Cα-like chain (two lobes, so that the low modes are
-  domain motions) as :class:`deephemnma.structure.Atoms`.
+  domain motions) as :class:`deephemnma.core.structure.Atoms`.
 * :func:`toy_modes` — writes it as a PDB file and runs the project's normal-mode analysis
   on it (:func:`deephemnma.nma.run_nma`, Cα network): a mode file exactly like
   ``deephemnma nma`` writes.
 * :func:`simulate_images` — per particle: deform, rasterise the atoms as voxel integrals of
   *narrower* 3-D Gaussians into a D³ volume, project it by the Fourier-slice theorem
-  (:class:`deephemnma.projection.FourierSliceProjector`) at the particle's orientation and
+  (:class:`deephemnma.core.projection.FourierSliceProjector`) at the particle's orientation and
   origin, apply the CTF, add white noise before and after it at a target SNR, optionally
   phase flip, normalise the background. The alignment's model (wider Gaussians, analytic
   projection) therefore does not match the data exactly, as with real data.
@@ -28,15 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import geometry
-from ..ctf import CTFParams, compute_ctf
-from ..projection import FourierSliceProjector
+from ..core import geometry
+from ..core.ctf import CTFParams, compute_ctf
+from ..core.projection import FourierSliceProjector
 from .model import ElasticModel
 
 
 def toy_atoms(n_atoms: int = 300, seed: int = 0, spacing: float = 3.8):
     """A two-lobed random chain of ``n_atoms`` Cα atoms (``spacing`` Å between neighbours)."""
-    from ..structure import Atoms
+    from ..core.structure import Atoms
 
     rng = np.random.default_rng(seed)
     pts: list[np.ndarray] = []
@@ -66,7 +66,7 @@ def toy_modes(out, n_atoms: int = 300, seed: int = 0, n_modes: int = 6, select=(
     cutoff 12 Å, ``n_modes`` non-rigid modes computed, ``select`` selected); the PDB goes
     beside it."""
     from ..nma import run_nma
-    from ..structure import write_structure
+    from ..core.structure import write_structure
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def simulate_images(model: ElasticModel, n: int, box: int, pixel_size: float, *,
         "rlnOriginXAngst": origins[:, 0], "rlnOriginYAngst": origins[:, 1],
         "rlnDefocusU": params.defocus_u, "rlnDefocusV": params.defocus_v, "rlnDefocusAngle": params.defocus_angle,
     })
-    from ..star import amplitude_column
+    from ..core.star import amplitude_column
 
     for k, m in enumerate(model.mode_numbers):
         truth[amplitude_column(int(m))] = amplitudes[:, k]
@@ -156,8 +156,8 @@ def write_dataset(out_dir, images: np.ndarray, truth: pd.DataFrame, pixel_size: 
                   cs: float = 2.0, amp_contrast: float = 0.1, phase_flipped: bool = True, ctf: bool = True,
                   stack_name: str = "particles.mrcs") -> tuple[Path, Path]:
     """Write ``particles.star`` (+ stack) and ``ground_truth.star`` into ``out_dir``."""
-    from ..mrc import write_stack
-    from ..star import write_star
+    from ..core.mrc import write_stack
+    from ..core.star import write_star
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def default_log(args) -> Path | None:
 
 def run(args, config: dict) -> int:
     from ..align import AlignSettings, align_star
-    from ..fileio import atomic_write_json, require_file
+    from ..core.fileio import atomic_write_json, require_file
 
     data = config.get("data", {})
     require_file(args.particles, "particle STAR file")

@@ -37,13 +37,13 @@ def run(args, config: dict) -> int:
     import numpy as np
     import pandas as pd
 
-    from ..star import pc_columns, read_star
+    from ..core.star import pc_columns, read_star
 
     from ..animate import centroid_structures, write_axis_animations
-    from ..errors import InputError
-    from ..fileio import require_file
+    from ..core.errors import InputError
+    from ..core.fileio import require_file
     from ..landscape import PCAModel, load_model
-    from ..nma import load_modes
+    from ..core.modes import load_modes
 
     model = load_model(args.model)
     if not isinstance(model, PCAModel):

@@ -38,10 +38,10 @@ def default_log(args):
 
 
 def run(args, config: dict) -> int:
-    from ..errors import ConfigError
-    from ..logs import get_logger, progress
-    from ..mrc import ParticleImages
-    from .. import star as S
+    from ..core.errors import ConfigError
+    from ..core.logs import get_logger, progress
+    from ..core.mrc import ParticleImages
+    from ..core import star as S
 
     log = get_logger("check")
     data = config.get("data", {})

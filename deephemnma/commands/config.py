@@ -24,8 +24,8 @@ def add_arguments(p) -> None:
 
 
 def run(args, config: dict) -> int:
-    from ..config import load_schema
-    from ..fileio import atomic_write_text
+    from ..core.config import load_schema
+    from ..core.fileio import atomic_write_text
 
     obj = load_schema() if args.schema else config
     text = yaml.safe_dump(obj, sort_keys=False)

@@ -42,15 +42,14 @@ def run(args, config: dict) -> int:
 
     import numpy as np
 
-    from .. import plots
-    from ..star import amplitude_column, amplitude_modes, read_star
-    from ..mrc import read_volume
-    from ..nma import load_modes
-    from ..animate import mode_stack
-    from ..errors import InputError
-    from ..evaluate import (align_tables, evaluate_group_maps, load_ground_truth, parameter_errors,
-                            summarise_errors)
-    from ..fileio import atomic_path, atomic_write_json, require_file
+    from ..core import plots
+    from ..core.star import amplitude_column, amplitude_modes, read_star
+    from ..core.mrc import read_volume
+    from ..core.modes import load_modes
+    from ..core.modes import mode_stack
+    from ..core.errors import InputError
+    from ..evaluate import align_tables, evaluate_group_maps, load_ground_truth, parameter_errors, summarise_errors
+    from ..core.fileio import atomic_path, atomic_write_json, require_file
 
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)

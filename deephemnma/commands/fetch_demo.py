@@ -23,7 +23,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..demo_data import fetch_adenylate_kinase
+    from ..core.demo_data import fetch_adenylate_kinase
 
     for key, path in fetch_adenylate_kinase(args.out).items():
         print(f"{key}\t{path}")

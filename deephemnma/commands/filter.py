@@ -32,9 +32,9 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..star import read_star, write_star
-    from ..fileio import atomic_write_json, require_file
-    from ..outliers import filter_table
+    from ..core.star import read_star, write_star
+    from ..core.fileio import atomic_write_json, require_file
+    from ..filter import filter_table
 
     section = config["landscape"]
     star = read_star(require_file(args.particles, "particle STAR file"))

@@ -37,10 +37,10 @@ def default_log(args) -> Path:
 def run(args, config: dict) -> int:
     import numpy as np
 
-    from .. import plots
-    from ..star import amplitude_columns, pc_columns, read_star
-    from ..errors import InputError
-    from ..fileio import require_file
+    from ..core import plots
+    from ..core.star import amplitude_columns, pc_columns, read_star
+    from ..core.errors import InputError
+    from ..core.fileio import require_file
     from ..groups import assign_groups, export_groups, summarise_groups
 
     section = config["landscape"]

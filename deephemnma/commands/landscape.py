@@ -37,10 +37,10 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..star import amplitude_modes, read_star, rebase_image_names, write_star
-    from ..fileio import require_file
-    from ..landscape import (PCAModel, add_coordinates, build_landscape, landscape_plots, load_model)
-    from ..outliers import amplitude_matrix
+    from ..core.star import amplitude_modes, read_star, rebase_image_names, write_star
+    from ..core.fileio import require_file
+    from ..landscape import PCAModel, add_coordinates, build_landscape, landscape_plots, load_model
+    from ..core.features import amplitude_matrix
 
     section = dict(config["landscape"])
     star = read_star(require_file(args.particles, "particle STAR file"))

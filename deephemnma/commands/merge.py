@@ -25,8 +25,8 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..fileio import require_file
-    from ..star import concat_stars
+    from ..core.fileio import require_file
+    from ..core.star import concat_stars
 
     star = concat_stars([require_file(p, "STAR file") for p in args.inputs], args.out)
     print(f"{len(star.particles)} particles from {len(args.inputs)} files → {args.out}")

@@ -37,7 +37,7 @@ def default_log(args) -> Path | None:
 
 
 def run(args, config: dict) -> int:
-    from ..errors import ConfigError
+    from ..core.errors import ConfigError
     from ..nma import run_nma
 
     reference = args.reference or (config.get("reference") or {}).get("path")

@@ -48,14 +48,14 @@ def run(args, config: dict) -> int:
     data_dir = args.data_dir or data.get("data_dir")
     pixel_size = args.pixel_size or data.get("pixel_size")
     if args.plan:
-        from ..fileio import require_file
-        from ..star import read_star
+        from ..core.fileio import require_file
+        from ..core.star import read_star
 
         star = read_star(require_file(args.particles, "particle STAR file"), pixel_size=pixel_size, data_dir=data_dir)
         json.dump(plan_chunks(len(star), settings), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    from ..fileio import require_file
+    from ..core.fileio import require_file
 
     require_file(args.particles, "particle STAR file")
     workers = settings.workers or args.threads or 1

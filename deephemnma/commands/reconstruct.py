@@ -44,9 +44,9 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from .. import plots
-    from ..star import read_star
-    from ..fileio import require_file
+    from ..core import plots
+    from ..core.star import read_star
+    from ..core.fileio import require_file
     from ..reconstruct import ReconstructSettings, reconstruct_star
 
     settings = ReconstructSettings.from_config(config["reconstruct"])
@@ -54,7 +54,7 @@ def run(args, config: dict) -> int:
                      data_dir=args.data_dir)
     images, pixel_size = None, args.pixel_size
     if args.original:
-        from ..errors import InputError
+        from ..core.errors import InputError
         from ..preprocess import ORIGINAL_PIXEL_SIZE, original_images
 
         if ORIGINAL_PIXEL_SIZE not in star.particles.columns:

@@ -26,7 +26,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..errors import InputError
+    from ..core.errors import InputError
     from ..report import build_report
 
     if not Path(args.results).is_dir():

@@ -72,7 +72,7 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..logs import setup_logging
+    from ..core.logs import setup_logging
     from ..network.train import TrainSettings, train
 
     rank = _launcher_rank()

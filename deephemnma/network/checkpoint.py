@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..fileio import atomic_path
+from ..core.errors import InputError
+from ..core.fileio import atomic_path
 
 FORMAT = "deephemnma-network"
 FORMAT_VERSION = 1
@@ -90,7 +90,7 @@ def inference_state(state: dict) -> dict:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs)."""
-    from ..fileio import require_file
+    from ..core.fileio import require_file
 
     path = require_file(path, "checkpoint")
     try:

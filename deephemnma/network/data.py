@@ -2,7 +2,7 @@
 
 * :func:`load_particles` reads one or several STAR files (e.g. the chunks of image set 1
   after the Mahalanobis filter) into one table (optics joined per particle) plus one
-  :class:`deephemnma.mrc.ParticleImages` over all their stacks. Images are never loaded
+  :class:`deephemnma.core.mrc.ParticleImages` over all their stacks. Images are never loaded
   whole: stacks are memory-mapped when a worker first touches them.
 * :func:`split_by_particle` makes the validation split: deterministic from the seed, and a
   particle (the same image in the same stack, wherever it is listed) is never in both sets.
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import geometry
-from ..errors import InputError
-from ..logs import get_logger
-from ..star import FLAG as FLAG_COLUMN
+from ..core import geometry
+from ..core.errors import InputError
+from ..core.logs import get_logger
+from ..core.star import FLAG as FLAG_COLUMN
 from .targets import ANGLE_COLUMNS, ORIGIN_COLUMNS, TargetCodec, amplitude_column, amplitude_modes
 
 log = get_logger(__name__)
@@ -41,12 +41,12 @@ class ParticleSet:
     """Particles from one or more STAR files, in file order then row order."""
 
     table: pd.DataFrame          # particle rows with optics columns joined
-    images: "object"             # deephemnma.mrc.ParticleImages, same order as table
+    images: "object"             # deephemnma.core.mrc.ParticleImages, same order as table
     keys: np.ndarray             # (n,) int64 id of the physical image (stack file, index)
     box: int
     pixel_size: float
     sources: list[Path]
-    stars: list                  # deephemnma.star.StarData per source (particles as read)
+    stars: list                  # deephemnma.core.star.StarData per source (particles as read)
     source_index: np.ndarray     # (n,) which source each row came from
     source_row: np.ndarray       # (n,) 0-based row in that source
 
@@ -54,7 +54,7 @@ class ParticleSet:
         return len(self.table)
 
     def subset(self, rows: np.ndarray) -> "ParticleSet":
-        from ..mrc import ParticleImages
+        from ..core.mrc import ParticleImages
 
         rows = np.asarray(rows, dtype=np.int64)
         im = self.images
@@ -73,8 +73,8 @@ def load_particles(paths: str | os.PathLike | Sequence[str | os.PathLike], data_
     (non-zero: outlier, not converged, bad image) when ``exclude_flagged``. The images must
     share one box size and one pixel size.
     """
-    from ..mrc import ParticleImages
-    from ..star import image_locations, merged, pixel_sizes, read_star
+    from ..core.mrc import ParticleImages
+    from ..core.star import image_locations, merged, pixel_sizes, read_star
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -84,7 +84,7 @@ def load_particles(paths: str | os.PathLike | Sequence[str | os.PathLike], data_
     tables, stars, files, fidx, iidx, px_all, src_i, src_r = [], [], [], [], [], [], [], []
     modes_ref = None
     for s, path in enumerate(paths):
-        from ..fileio import require_file
+        from ..core.fileio import require_file
 
         require_file(path, "particle STAR file")
         star = read_star(path, pixel_size=pixel_size, data_dir=data_dir)

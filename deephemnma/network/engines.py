@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ..logs import get_logger
+from ..core.errors import ConfigError
+from ..core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -79,7 +79,7 @@ def _share_cpu_threads(local_size: int) -> None:
     """Ranks on one node share its cores: at most cores // local_size threads per rank."""
     if local_size <= 1:
         return
-    from ..runtime import default_threads
+    from ..core.runtime import default_threads
 
     n = max(1, min(torch.get_num_threads(), default_threads() // local_size))
     torch.set_num_threads(n)

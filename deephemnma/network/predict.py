@@ -1,6 +1,6 @@
 """Inference: a trained checkpoint + particles → predicted amplitudes, angles and shifts.
 
-:func:`predict_images` streams a :class:`deephemnma.mrc.ParticleImages` through the network
+:func:`predict_images` streams a :class:`deephemnma.core.mrc.ParticleImages` through the network
 in batches (no autograd; on GPU with autocast and channels_last), with DataLoader workers
 reading and normalising the next batches while the current one is computed (pinned memory
 and non-blocking copies on GPU). :func:`predict_star` does this for one STAR file (a shard)
@@ -9,7 +9,7 @@ and writes a STAR file with every input column kept plus the predictions.
 Output columns:
 
 * ``rlnAngleRot/Tilt/Psi`` (degrees; RELION ZYZ, tilt in [0, 180]) from the predicted unit
-  quaternion (:func:`deephemnma.geometry.quaternion_to_euler`);
+  quaternion (:func:`deephemnma.core.geometry.quaternion_to_euler`);
 * ``rlnOriginXAngst/YAngst`` (Å) — shifts are learnt and written in Å, a physical unit:
   the same numbers are right for the (downscaled) images the network saw and for the
   original full-size particles (RELION converts with each file's own pixel size);
@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import InputError
-from ..logs import get_logger, progress
+from ..core.errors import InputError
+from ..core.logs import get_logger, progress
 from .checkpoint import build_from_checkpoint, load_checkpoint
 from .data import BatchDataset, StepSampler, make_loader
 from .targets import ANGLE_COLUMNS, ORIGIN_COLUMNS, TargetCodec
@@ -59,7 +59,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def default_predict_workers(device: torch.device) -> int:
-    from ..runtime import default_threads
+    from ..core.runtime import default_threads
 
     return max(1, min(8, default_threads() - 1)) if device.type == "cuda" else 1
 
@@ -145,7 +145,7 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
                  data_dir=None, batch_size: int = 256, num_workers: int | None = None, device: str = "auto",
                  amp: bool | None = None) -> dict:
     """Predict the particles of one STAR file and write ``out`` (atomic). Returns timing figures."""
-    from ..star import write_star
+    from ..core.star import write_star
     from .data import load_particles
 
     state = load_checkpoint(checkpoint)

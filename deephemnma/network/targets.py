@@ -7,7 +7,7 @@ normal mode), Euler angles ``rlnAngleRot/Tilt/Psi`` (degrees, RELION ZYZ) and or
 * amplitudes and shifts *standardised* with the training set's mean and standard
   deviation (per mode, per axis): ``z = (value − mean) / std``. Shifts are standardised in
   Å, a physical unit, so they do not depend on the pixel size of the images.
-* the orientation as the unit quaternion of :func:`deephemnma.geometry.euler_to_quaternion`
+* the orientation as the unit quaternion of :func:`deephemnma.core.geometry.euler_to_quaternion`
   (w ≥ 0 for the target; the network's sign is free: the losses are invariant to q ↔ −q).
 
 Losses (:func:`head_losses`): L1 (the paper's mean absolute error) per head, each divided
@@ -33,14 +33,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import geometry
-from ..star import ANGLE_COLUMNS, ORIGIN_COLUMNS, amplitude_column
-from ..star import amplitude_modes as _amplitude_modes
+from ..core import geometry
+from ..core.star import ANGLE_COLUMNS, ORIGIN_COLUMNS, amplitude_column
+from ..core.star import amplitude_modes as _amplitude_modes
 
 
 
 def amplitude_modes(columns) -> list[int]:
-    """Sorted mode numbers of the amplitude columns present (:func:`deephemnma.star.amplitude_modes`)."""
+    """Sorted mode numbers of the amplitude columns present (:func:`deephemnma.core.star.amplitude_modes`)."""
     return _amplitude_modes(list(columns))
 
 
@@ -181,7 +181,7 @@ def particle_errors(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -
     / :meth:`TargetCodec.raw_labels`:
 
     * ``amplitude``: mean absolute amplitude error over the modes;
-    * ``angle``: the paper's angle error (degrees, :func:`deephemnma.geometry.angular_error`);
+    * ``angle``: the paper's angle error (degrees, :func:`deephemnma.core.geometry.angular_error`);
     * ``shift``: mean absolute shift error over x and y (Å).
     """
     A = geometry.euler_to_matrix(pred["angles"])

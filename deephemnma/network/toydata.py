@@ -2,7 +2,7 @@
 
 A random asymmetric "molecule" of Gaussian atoms is deformed along a few smooth synthetic
 "normal modes" (unit-norm 3N vectors, numbered from 7 as in the paper), rotated uniformly
-on SO(3), shifted and projected analytically (:func:`deephemnma.projection.project_gaussians`),
+on SO(3), shifted and projected analytically (:func:`deephemnma.core.projection.project_gaussians`),
 then white Gaussian noise is added. The STAR file carries the ground truth as the HEMNMA
 labels (``rlnAngleRot/Tilt/Psi``, ``rlnOriginXAngst/YAngst``, ``dhnmaAmplitudeNNN``).
 
@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import geometry
-from ..projection import project_gaussians
+from ..core import geometry
+from ..core.projection import project_gaussians
 from .targets import amplitude_column
 
 

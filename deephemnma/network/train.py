@@ -49,12 +49,20 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..errors import ConfigError, InputError
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text
-from ..logs import get_logger
-from ..star import ORIGINAL_PIXEL_SIZE
+from ..core.errors import ConfigError, InputError
+from ..core.fileio import atomic_path, atomic_write_json, atomic_write_text
+from ..core.logs import get_logger
+from ..core.star import ORIGINAL_PIXEL_SIZE
 from .checkpoint import inference_state, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import BatchDataset, ParticleSet, StepSampler, batch_seed, load_particles, make_loader, split_by_particle
+from .data import (
+    BatchDataset,
+    ParticleSet,
+    StepSampler,
+    batch_seed,
+    load_particles,
+    make_loader,
+    split_by_particle,
+)
 from .engines import Engine, make_engine
 from .model import ModelConfig, build_model
 from .targets import TargetCodec, head_losses, mean_prediction_baseline, particle_errors
@@ -195,7 +203,7 @@ def _amp_dtype(s: TrainSettings, device: torch.device):
 
 def default_workers(device: torch.device, local_size: int = 1) -> int:
     """DataLoader workers: a few per GPU rank; one on CPU (loading is cheap next to the model)."""
-    from ..runtime import default_threads
+    from ..core.runtime import default_threads
 
     if device.type == "cuda":
         return max(1, min(8, default_threads() // max(1, local_size) - 1))

@@ -10,7 +10,7 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 from deephemnma import preprocess as _pp  # noqa: E402  (the package is installed in the environment)
-from deephemnma.star import count_particles as _count_particles  # noqa: E402
+from deephemnma.core.star import count_particles as _count_particles  # noqa: E402
 
 OUT = config["outdir"].rstrip("/")
 from snakemake.settings.types import DeploymentMethod  # noqa: E402
@@ -114,7 +114,7 @@ rule stage_config:
         stage="|".join(STAGE_SECTIONS),
     localrule: True
     run:
-        from deephemnma.fileio import atomic_write_text
+        from deephemnma.core.fileio import atomic_write_text
 
         atomic_write_text(output[0], params.text)
 

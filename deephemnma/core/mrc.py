@@ -9,7 +9,7 @@ first), so the object pickles into DataLoader workers (the maps are dropped on p
 and re-opened lazily in each worker). Images come back as float32 ``(n, box, box)``
 arrays indexed ``[y, x]``.
 
-Checks, each an :class:`~deephemnma.errors.InputError` naming the stack (and the STAR
+Checks, each an :class:`~deephemnma.core.errors.InputError` naming the stack (and the STAR
 row or image where relevant): a stack that is missing; not an MRC file or with a corrupt
 header (unknown mode, impossible dimensions); truncated (file shorter than its header
 says); an image index beyond the stack; non-square images or a box size different from

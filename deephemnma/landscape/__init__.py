@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .fileio import atomic_path, atomic_write_json
-from .logs import get_logger
+from ..core.errors import InputError
+from ..core.fileio import atomic_path, atomic_write_json
+from ..core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -243,7 +243,7 @@ def concat_particle_sets(parts: list[tuple[pd.DataFrame, pd.DataFrame, int]], so
     Identical optics tables are shared; otherwise the later set's optics groups are
     renumbered after the earlier ones. A particle (``rlnImageName``) present in several
     sets is kept once, from the first set that has it."""
-    from .star import IMAGE_NAME, OPTICS_GROUP
+    from ..core.star import IMAGE_NAME, OPTICS_GROUP
 
     out_p, out_o = [], None
     for particles, optics, code in parts:
@@ -278,7 +278,7 @@ def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 def add_coordinates(df: pd.DataFrame, Y: np.ndarray, prefix: str = "pc") -> pd.DataFrame:
     """Write coordinates as columns ``dhnmaPC1..k`` (``prefix="pc"``) or ``dhnmaSpectral1..k``
     (replacing any previous ones of that kind)."""
-    from .star import pc_column, pc_columns
+    from ..core.star import pc_column, pc_columns
 
     out = df.copy()
     if prefix == "pc":
@@ -317,7 +317,7 @@ def build_landscape(particles: pd.DataFrame, optics: pd.DataFrame | None, settin
     Returns (table with coordinate columns, optics, model, spectral model or None). With
     ``fit_on: combined`` the HEMNMA particles (``hemnma`` = (particles, optics)) are
     concatenated first (column ``dhnmaSource``)."""
-    from .outliers import amplitude_matrix
+    from ..core.features import amplitude_matrix
 
     if settings.get("fit_on", "predicted") == "combined":
         if hemnma is None:
@@ -345,8 +345,8 @@ def build_landscape(particles: pd.DataFrame, optics: pd.DataFrame | None, settin
 
 def landscape_plots(outdir, table: pd.DataFrame, model, settings: dict, seed: int = 0) -> list[Path]:
     """landscape.png, explained_variance.png (PCA), amplitudes.png, spectral_vs_pca.png (when present)."""
-    from . import plots
-    from .star import pc_columns
+    from ..core import plots
+    from ..core.star import pc_columns
 
     outdir = Path(outdir)
     ps = settings.get("plots", {}) or {}

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .fileio import require_file
-from .logs import get_logger
+from ..core.errors import InputError
+from ..core.fileio import require_file
+from ..core.logs import get_logger
 
 log = get_logger(__name__)
 

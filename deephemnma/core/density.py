@@ -28,7 +28,7 @@ instead — one of the deliberate differences between data simulation and fittin
 Unknown element symbols (and pseudo-atoms) count as carbon, with a warning. Deuterium is H.
 Instead of elements, a single isotropic Gaussian per atom can be given (``weights``,
 ``sigma``), e.g. for pseudo-atoms; then the map matches
-:func:`deephemnma.projection.project_gaussians` of the same atoms.
+:func:`deephemnma.core.projection.project_gaussians` of the same atoms.
 
 Rasterisation
 -------------
@@ -288,7 +288,7 @@ def atoms_to_images(coords, rotations, profiles: AtomProfiles, box: int, pixel_s
     voxel volume (voxel integrals, as :func:`atoms_to_volume`) and summing along z (see the
     module docstring): each pixel holds the integral of the projected density over it.
     Not differentiable by design (integer splat positions); use
-    :func:`deephemnma.projection.project_gaussians` to fit.
+    :func:`deephemnma.core.projection.project_gaussians` to fit.
     """
     R = _as_tensor(rotations, torch.float64)
     if R.dim() == 2:

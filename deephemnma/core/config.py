@@ -15,7 +15,7 @@ import yaml
 
 from .errors import ConfigError
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "data" / "config.schema.yaml"
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ import torch
 
 from . import star as _star
 
-#: CTFParams field → RELION column (names defined once, in :mod:`deephemnma.star`)
+#: CTFParams field → RELION column (names defined once, in :mod:`deephemnma.core.star`)
 COLUMNS = {
     "defocus_u": _star.DEFOCUS_U,
     "defocus_v": _star.DEFOCUS_V,
@@ -87,7 +87,7 @@ class CTFParams:
     def from_table(cls, table, source=None) -> "CTFParams":
         """From a per-particle table (optics merged in) with RELION column names.
 
-        Missing required columns raise :class:`~deephemnma.errors.InputError` naming ``source``.
+        Missing required columns raise :class:`~deephemnma.core.errors.InputError` naming ``source``.
         """
         from .errors import InputError
 

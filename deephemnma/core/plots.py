@@ -71,7 +71,7 @@ def landscape(path, Y, labels=None, density: str = "hexbin", title: str | None =
         hb = ax.hexbin(x, y, gridsize=60, bins="log", cmap="Greys", mincnt=1, linewidths=0)
         fig.colorbar(hb, ax=ax, label="particles per cell (log)")
     elif density == "kde" and len(x) > 2:
-        from .groups import binned_kde
+        from .kde import binned_kde
 
         D, ex, ey, _ = binned_kde(np.column_stack([x, y]), grid=96)
         cx, cy = (ex[:-1] + ex[1:]) / 2, (ey[:-1] + ey[1:]) / 2

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .logs import get_logger
+from .core.errors import InputError
+from .core.features import amplitude_matrix
+from .core.logs import get_logger
 
 log = get_logger(__name__)
 
-from .star import FLAG as FLAG_COLUMN  # noqa: E402  "dhnmaFlag"
-from .star import FLAG_OUTLIER  # noqa: E402  value 16
+from .core.star import FLAG as FLAG_COLUMN  # noqa: E402  "dhnmaFlag"
+from .core.star import FLAG_OUTLIER  # noqa: E402  value 16
 
 DISTANCE_COLUMN = "dhnmaMahalanobis"
 
@@ -80,23 +81,6 @@ def expected_kept_fraction(threshold: float, n_modes: int) -> float:
     from scipy.stats import chi
 
     return float(chi.cdf(threshold, df=n_modes))
-
-
-def amplitude_matrix(df: pd.DataFrame, modes: list[int] | None = None, source=None) -> tuple[np.ndarray, list[str]]:
-    """Amplitudes (n, M) and their column names: the given ``modes`` or every mode present."""
-    from .star import amplitude_column, amplitude_columns
-
-    cols = [amplitude_column(m) for m in modes] if modes else amplitude_columns(df)
-    if not cols:
-        raise InputError(source, "no amplitude columns (dhnmaAmplitudeNNN) in the particle table")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise InputError(source, f"missing amplitude column(s) {', '.join(missing)}")
-    X = df[cols].to_numpy(np.float64)
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
-        raise InputError(source, "non-finite amplitude", row=int(np.flatnonzero(bad)[0]) + 1)
-    return X, cols
 
 
 def filter_table(df: pd.DataFrame, threshold: float = 3.2, method: str = "classical", modes=None, seed: int = 0,

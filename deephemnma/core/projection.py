@@ -1,6 +1,6 @@
 """Forward models shared by simulation, alignment and reconstruction (torch, batched).
 
-Conventions (see :mod:`deephemnma.geometry`): images are ``[y, x]``, volumes ``[z, y, x]``;
+Conventions (see :mod:`deephemnma.core.geometry`): images are ``[y, x]``, volumes ``[z, y, x]``;
 the centre of an image or volume of even size ``D`` is the pixel ``D // 2`` on each axis; an
 atom at ``r`` (Å, relative to the centre) lands at ``(A·r)[x, y]``; the image is the
 integral along z of the rotated volume; ``F_img(k) = F_vol(Aᵀ·[kx, ky, 0])``.
@@ -139,7 +139,7 @@ class FourierSliceProjector:
 
     def project(self, rotations, origins_px=None, ctf=None) -> torch.Tensor:
         """Images (B, D, D) float32. ``origins_px``: RELION origins in pixels (B, 2);
-        ``ctf``: (B, D, D//2+1) rfft-layout CTF (see :func:`deephemnma.ctf.compute_ctf`)."""
+        ``ctf``: (B, D, D//2+1) rfft-layout CTF (see :func:`deephemnma.core.ctf.compute_ctf`)."""
         S = self.slices(rotations)
         return slices_to_images(S, self.box, origins_px, ctf)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .logs import get_logger
+from ..core.logs import get_logger
 
 log = get_logger(__name__)
 

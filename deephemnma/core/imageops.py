@@ -2,7 +2,7 @@
 background normalisation, contrast, masked statistics and the Fourier ring correlation.
 
 Images are float ``[y, x]`` arrays or tensors ``(..., D, D)`` with D even; the centre of an
-image is the pixel ``D // 2`` on each axis (as in :mod:`deephemnma.projection`). Every
+image is the pixel ``D // 2`` on each axis (as in :mod:`deephemnma.core.projection`). Every
 function accepts numpy arrays or torch tensors and returns the same kind (torch inside).
 
 * :func:`fourier_crop` — downscale ``D → d`` by keeping the ``d``² lowest frequencies
