@@ -165,10 +165,10 @@ def main() -> None:
         d = work / f"snr{snr:g}_n{args.n}"
         pre = d / "pre" / "set1" / "chunk_0000.star"
         if not pre.exists():
-            sh([*dh, "simulate", "--modes", modes_file, "--out-dir", d / "sim", "--set", f"simulate.n_particles={args.n}",
+            sh([*dh, "simulate", "--modes", modes_file, "--outdir", d / "sim", "--set", f"simulate.n_particles={args.n}",
                 "--set", f"simulate.snr={snr}", "--set", "simulate.write_clean=false", "--set", f"seed={100 + i}",
                 "--threads", str(args.threads), "-q"], env, cwd=work)
-            sh([*dh, "preprocess", "--particles", d / "sim" / "particles.star", "--out-dir", d / "pre",
+            sh([*dh, "preprocess", "--particles", d / "sim" / "particles.star", "--outdir", d / "pre",
                 "--set", f"preprocess.set1_size={args.n}", "--set", f"preprocess.chunk_size={args.n}",
                 "--threads", str(args.threads), "-q"], env, cwd=work)
         sim_manifest = json.loads((d / "sim" / "simulate.json").read_text())

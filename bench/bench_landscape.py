@@ -30,19 +30,19 @@ import json, resource, time
 t = {}
 t0 = time.perf_counter()
 from deephemnma.core.star import read_star, write_star
-from deephemnma.landscape import build_landscape
-from deephemnma.groups import assign_groups, summarise_groups, export_groups
+from deephemnma.landscape import LandscapeSettings, build_landscape
+from deephemnma.groups import GroupSettings, assign_groups, summarise_groups, export_groups
 from deephemnma.core.star import amplitude_columns, pc_columns
 import numpy as np
 t["import"] = time.perf_counter() - t0; t0 = time.perf_counter()
 star = read_star(__STAR__)
 t["read_star"] = time.perf_counter() - t0; t0 = time.perf_counter()
-table, optics, model, _ = build_landscape(star.particles, star.optics, {"n_components": 2}, 0)
+table, optics, model, _ = build_landscape(star.particles, star.optics, LandscapeSettings.from_config({}), 0)
 t["pca"] = time.perf_counter() - t0; t0 = time.perf_counter()
 write_star(__OUT__ + "/landscape.star", table, optics); model.save(__OUT__ + "/landscape_model.json")
 t["write_landscape"] = time.perf_counter() - t0; t0 = time.perf_counter()
 Y = table[pc_columns(table)].to_numpy(np.float64)
-labels, details = assign_groups(Y, {"method": "bins", "n_bins": 10, "min_size": 900}, 0)
+labels, details = assign_groups(Y, GroupSettings.from_config({"landscape": {"groups": {"method": "bins", "n_bins": 10, "min_size": 900}}}), 0)
 amp = amplitude_columns(table)
 summary = summarise_groups(labels, Y, table[amp].to_numpy(np.float64), amp)
 t["group"] = time.perf_counter() - t0; t0 = time.perf_counter()
@@ -55,7 +55,7 @@ print(json.dumps({"times": t, "n_groups": doc["n_groups"], "n_dropped": doc["n_d
 METHODS = r"""
 import json, resource, time
 import numpy as np
-from deephemnma.groups import assign_groups
+from deephemnma.groups import GroupSettings, assign_groups
 rng = np.random.default_rng(0)
 n = __N__
 r = rng.uniform(0, 1, n)
@@ -67,7 +67,7 @@ for name, s in [("boxes", {"method": "boxes", "boxes": [{"pc1": [-100, 0]}, {"pc
                 ("gmm", {"method": "gmm", "k": 10, "n_init": 1}),
                 ("density", {"method": "density"})]:
     t0 = time.perf_counter()
-    lab, _ = assign_groups(Y, s, 0)
+    lab, _ = assign_groups(Y, GroupSettings.from_config({"landscape": {"groups": s}}), 0)
     out[name] = {"seconds": time.perf_counter() - t0, "groups": int(lab.max())}
 print(json.dumps({"methods": out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -13,32 +13,16 @@ Every subcommand takes ``--config``, ``--set KEY=VALUE``, ``--log``, ``--threads
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import pkgutil
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 from . import __version__
 from .core.errors import DeephemnmaError
 from .core.logs import get_logger, setup_logging
 
 log = get_logger("cli")
-
-
-def discover_commands() -> list[ModuleType]:
-    from . import commands
-
-    mods = []
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
-        if hasattr(mod, "NAME") and hasattr(mod, "run"):
-            mods.append(mod)
-    return sorted(mods, key=lambda m: getattr(m, "ORDER", 100))
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,19 +37,34 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def _command_list(mods) -> str:
+    from .commands import is_stage
+
+    width = max(len(m.NAME) for m in mods) + 2
+    lines = ["pipeline stages, in order:"]
+    lines += [f"  {m.NAME:<{width}}{m.HELP}" for m in mods if is_stage(m)]
+    lines += ["", "utilities:"]
+    lines += [f"  {m.NAME:<{width}}{m.HELP}" for m in mods if not is_stage(m)]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import command_modules
+
+    mods = command_modules()
     parser = argparse.ArgumentParser(
         prog="deephemnma",
-        description="DeepHEMNMA: continuous conformational landscapes of macromolecules from cryo-EM particles.",
+        description="DeepHEMNMA: continuous conformational landscapes of macromolecules from cryo-EM particles.\n\n"
+                    + _command_list(mods),
         epilog="Run 'deephemnma <command> --help' for a command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"deephemnma {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for mod in discover_commands():
+    sub = parser.add_subparsers(dest="command", metavar="<command>", help=argparse.SUPPRESS)
+    for mod in mods:
         examples = "\n".join(f"  {e}" for e in getattr(mod, "EXAMPLES", []))
         p = sub.add_parser(
             mod.NAME,
-            help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
             epilog=f"example{'s' if len(getattr(mod, 'EXAMPLES', [])) > 1 else ''}:\n{examples}" if examples else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,

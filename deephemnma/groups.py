@@ -41,6 +41,7 @@ import pandas as pd
 from .core.errors import ConfigError, InputError
 from .core.kde import binned_kde
 from .core.logs import get_logger
+from .core.settings import schema_settings
 
 log = get_logger(__name__)
 
@@ -197,34 +198,68 @@ def assign_density(Y: np.ndarray, grid: int = 128, bandwidth: float | None = Non
 
 
 # ------------------------------------------------------------------------------ driver
-def assign_groups(Y: np.ndarray, settings: dict, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Labels (0 = no group) for landscape coordinates ``Y`` (n, k) from the
-    ``landscape.groups`` settings; also returns method-specific details (edges, peaks)."""
-    method = settings.get("method", "bins")
-    dims = int(settings.get("dims", 2))
-    details: dict = {"method": method}
-    if method == "boxes":
-        labels = assign_boxes(Y, settings.get("boxes") or [])
-    elif method == "bins":
-        axis = int(settings.get("axis", 1))
-        if not 1 <= axis <= Y.shape[1]:
-            raise ConfigError(f"landscape.groups.axis = {axis} but the landscape has {Y.shape[1]} coordinates")
-        labels, ranges = assign_bins(Y[:, axis - 1], int(settings.get("n_bins", 10)), int(settings.get("min_size", 900)),
-                                     bool(settings.get("drop_extremes", True)), settings.get("binning", "width"))
-        details.update(axis=axis, ranges=ranges.tolist())
-    elif method == "kmeans":
-        labels = assign_kmeans(Y[:, :dims], int(settings.get("k", 5)), seed, int(settings.get("n_init", 10)))
-    elif method == "gmm":
-        labels = assign_gmm(Y[:, :dims], int(settings.get("k", 5)), seed, int(settings.get("n_init", 2)),
-                            float(settings.get("min_probability", 0.0)))
-    elif method == "density":
-        labels, peaks = assign_density(Y, int(settings.get("grid", 128)), settings.get("bandwidth"),
-                                       float(settings.get("min_peak", 0.1)), int(settings.get("max_groups", 10)),
-                                       float(settings.get("level", 0.5)))
-        details.update(peaks=peaks.tolist())
-    else:
-        raise ConfigError(f"unknown grouping method {method!r} (boxes, bins, kmeans, gmm, density)")
-    return labels.astype(np.int64), details
+@schema_settings("landscape.groups")
+class GroupSettings:
+    """The ``landscape.groups`` section (defaults and meanings: the schema)."""
+
+    method: str
+    boxes: list
+    axis: int
+    n_bins: int
+    min_size: int
+    drop_extremes: bool
+    binning: str
+    dims: int
+    k: int
+    n_init: int
+    min_probability: float
+    grid: int
+    bandwidth: float | None
+    min_peak: float
+    max_groups: int
+    level: float
+
+
+def _by_boxes(Y, s: GroupSettings, seed: int):
+    return assign_boxes(Y, s.boxes or []), {}
+
+
+def _by_bins(Y, s: GroupSettings, seed: int):
+    if not 1 <= s.axis <= Y.shape[1]:
+        raise ConfigError(f"landscape.groups.axis = {s.axis} but the landscape has {Y.shape[1]} coordinates")
+    labels, ranges = assign_bins(Y[:, s.axis - 1], s.n_bins, s.min_size, s.drop_extremes, s.binning)
+    return labels, {"axis": s.axis, "ranges": ranges.tolist()}
+
+
+def _by_kmeans(Y, s: GroupSettings, seed: int):
+    return assign_kmeans(Y[:, :s.dims], s.k, seed, s.n_init), {}
+
+
+def _by_gmm(Y, s: GroupSettings, seed: int):
+    return assign_gmm(Y[:, :s.dims], s.k, seed, s.n_init, s.min_probability), {}
+
+
+def _by_density(Y, s: GroupSettings, seed: int):
+    labels, peaks = assign_density(Y, s.grid, s.bandwidth, s.min_peak, s.max_groups, s.level)
+    return labels, {"peaks": peaks.tolist()}
+
+
+#: grouping methods by the name of ``landscape.groups.method``
+GROUPING = {"boxes": _by_boxes, "bins": _by_bins, "kmeans": _by_kmeans, "gmm": _by_gmm, "density": _by_density}
+
+
+def assign_groups(Y: np.ndarray, settings: GroupSettings, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Labels (0 = no group) for landscape coordinates ``Y`` (n, k); also returns
+    method-specific details (edges, peaks)."""
+    if settings.method not in GROUPING:
+        raise ConfigError(f"unknown grouping method {settings.method!r} ({', '.join(GROUPING)})")
+    Y = np.asarray(Y, np.float64)
+    bad = ~np.isfinite(Y).all(axis=1)
+    if bad.any():
+        raise InputError(None, f"{int(bad.sum())} particle(s) have non-finite landscape coordinates "
+                               f"(first: row {int(np.flatnonzero(bad)[0]) + 1})")
+    labels, details = GROUPING[settings.method](Y, settings, seed)
+    return labels.astype(np.int64), {"method": settings.method, **details}
 
 
 def summarise_groups(labels: np.ndarray, Y: np.ndarray, amplitudes: np.ndarray | None = None,

@@ -69,50 +69,40 @@ from .core.fileio import atomic_write_json
 from .core.imageops import crop_spectrum, normalise_background, radial_frequency, raised_cosine
 from .core.logs import get_logger, progress
 from .core.parallel import run_in_processes
+from .core.settings import schema_settings
+from .core.star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
+from .core.star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
 
 log = get_logger(__name__)
 
 STREAM_SPLIT = 11
 SETS = ("set1", "set2")
-from .core.star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
-from .core.star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
 FORMAT_VERSION = 1
 
 
-@dataclass
+@schema_settings("preprocess")
 class PreprocessSettings:
-    """The ``preprocess`` config section (see the schema for each key)."""
+    """The ``preprocess`` config section (defaults and meanings: the schema)."""
 
-    phase_flip: bool = True
-    box: int | None = 128
-    lowpass_resolution: float | None = None
-    lowpass_width: float = 2.0
-    normalise: bool = True
-    background_radius: float = 0.9
-    invert_contrast: bool = False
-    set1_size: int | None = 20000
-    set1_fraction: float | None = None
-    chunk_size: int = 1000
-    batch_size: int = 64
-    workers: int | None = None
-    seed: int = 0
+    phase_flip: bool
+    box: int | None
+    lowpass_resolution: float | None
+    lowpass_width: float
+    normalise: bool
+    background_radius: float
+    invert_contrast: bool
+    set1_size: int | None
+    set1_fraction: float | None
+    chunk_size: int
+    batch_size: int
+    workers: int | None
+    seed: int | None
 
-    @classmethod
-    def from_config(cls, config: dict) -> "PreprocessSettings":
-        if "preprocess" not in config and set(config) <= set(cls.__dataclass_fields__):
-            section, top_seed = dict(config), 0  # a bare section
-        else:
-            section, top_seed = dict(config.get("preprocess", {})), config.get("seed", 0)
-        seed = section.pop("seed", None)
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"preprocess: unknown key(s) {sorted(unknown)}")
-        out = cls(**section, seed=int(top_seed if seed is None else seed))
-        if out.box is not None and (out.box % 2 or out.box < 8):
-            raise ConfigError(f"preprocess.box must be even and ≥ 8, got {out.box}")
-        if out.set1_fraction is not None and not 0 <= out.set1_fraction <= 1:
+    def validate(self) -> None:
+        if self.box is not None and (self.box % 2 or self.box < 8):
+            raise ConfigError(f"preprocess.box must be even and ≥ 8, got {self.box}")
+        if self.set1_fraction is not None and not 0 <= self.set1_fraction <= 1:
             raise ConfigError("preprocess.set1_fraction must be in [0, 1]")
-        return out
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -44,6 +44,8 @@ from .core.errors import InputError
 from .core.fileio import atomic_path, atomic_write_json
 from .core.geometry import euler_to_matrix
 from .core.logs import get_logger, progress
+from .core.device import pick_device
+from .core.settings import schema_settings
 from .core.projection import FourierAccumulator
 
 log = get_logger(__name__)
@@ -54,34 +56,26 @@ CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "r
                "rlnAmplitudeContrast")
 
 
-@dataclass
+@schema_settings("reconstruct")
 class ReconstructSettings:
-    """Settings of a reconstruction (the ``reconstruct`` config section)."""
+    """Settings of a reconstruction (the ``reconstruct`` config section; defaults: the schema)."""
 
-    oversample: int = 2
-    interpolation: str = "trilinear"
-    ctf: str = "wiener"
-    regularisation: str = "constant"
-    reg_fraction: float = 0.01
-    batch_size: int = 256
-    half_sets: str = "random"
-    mask: str = "auto"
-    mask_radius: float | None = None
-    mask_edge: float = 6.0
-    mask_threshold: float = 0.1
-    precision: str = "float32"
-    device: str = "auto"
-
-    @classmethod
-    def from_config(cls, section: dict | None) -> "ReconstructSettings":
-        section = dict(section or {})
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in section.items() if k in known})
+    oversample: int
+    interpolation: str
+    ctf: str
+    regularisation: str
+    reg_fraction: float
+    batch_size: int
+    half_sets: str
+    mask: str
+    mask_radius: float | None
+    mask_edge: float
+    mask_threshold: float
+    precision: str
+    device: str
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return pick_device(self.device, setting="reconstruct.device")
 
 
 @dataclass

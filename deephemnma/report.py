@@ -3,9 +3,9 @@
 :func:`build_report` walks the results directory and writes one HTML file with a section per
 stage that is present — normal modes, alignment accuracy, training, outlier filter,
 landscape, groups, reconstructions (FSC), evaluation against ground truth, animations — and
-a last section for anything else it finds. Stages are recognised by their directory names
-(:data:`SECTIONS`: e.g. ``nma/``, ``align/`` or ``hemnma/``, ``network/`` or ``train/``,
-``landscape/``, ``groups/``, ``reconstruct/`` or ``maps/``, ``evaluate/``); inside them:
+a last section for anything else it finds. Stages are recognised by their results folders, as
+their command modules declare them (``sections``: (title, folder) pairs in pipeline order,
+:func:`deephemnma.commands.report.report_sections`); inside them:
 
 * PNG/JPEG/SVG images are embedded;
 * JSON files are shown as tables (nested keys flattened, long lists shortened);
@@ -34,21 +34,6 @@ from .core.logs import get_logger
 
 log = get_logger(__name__)
 
-#: (section title, directory name prefixes) in report order
-SECTIONS = [
-    ("Normal modes", ("nma", "modes")),
-    ("Simulated data", ("simulate", "simulation", "synthetic")),
-    ("Pre-processing", ("preprocess",)),
-    ("HEMNMA alignment", ("align", "hemnma")),
-    ("Outlier filter", ("filter", "outlier")),
-    ("Network training", ("network", "train", "training")),
-    ("Network predictions", ("predict", "inference")),
-    ("Conformational landscape", ("landscape",)),
-    ("Groups", ("groups", "group")),
-    ("Reconstructions and FSC", ("reconstruct", "reconstruction", "maps")),
-    ("Evaluation against ground truth", ("evaluate", "evaluation")),
-    ("Animations", ("animate", "animation", "animations")),
-]
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 MAX_FILES_PER_SECTION = 200
 
@@ -223,14 +208,16 @@ def _landscape_from_star(sec: _Section, p: Path, rel, seed: int) -> None:
     sec.add(_figure_to_tag(lambda path: plots.landscape(path, Y, labels, seed=seed), f"{rel}: landscape"))
 
 
-def build_report(results, out, title: str = "DeepHEMNMA results", max_table_rows: int = 40, seed: int = 0) -> Path:
-    """Write the HTML report of the results tree ``results`` to ``out``."""
+def build_report(results, out, sections_spec: list[tuple[str, str]], title: str = "DeepHEMNMA results",
+                 max_table_rows: int = 40, seed: int = 0) -> Path:
+    """Write the HTML report of the results tree ``results`` to ``out``; ``sections_spec``:
+    (section title, results folder) of each stage, in pipeline order."""
     results = Path(results)
     sections: list[_Section] = []
     seen: set[Path] = set()
     dirs = sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith(".")) if results.is_dir() else []
-    for title_s, prefixes in SECTIONS:
-        matched = [d for d in dirs if d not in seen and any(d.name.lower().startswith(pf) for pf in prefixes)]
+    for title_s, folder in sections_spec:
+        matched = [d for d in dirs if d not in seen and d.name == folder]
         if not matched:
             continue
         sec = _Section(title_s, title_s.lower().split()[0])

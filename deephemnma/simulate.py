@@ -106,6 +106,7 @@ import torch
 from .core import geometry
 from .core.ctf import CTFParams, compute_ctf
 from .core.density import AtomProfiles, atoms_to_images, atoms_to_volume_torch
+from .core.settings import schema_settings
 from .core.errors import ConfigError, InputError
 from .core.fileio import atomic_write_json
 from .core.imageops import circular_mask
@@ -214,77 +215,58 @@ def load_reference(path) -> SimReference:
     return SimReference.from_modes(load_modes(path), source=path)
 
 
-@dataclass
+#: fields whose schema key is nested (amplitudes.*, ctf.*) or named otherwise
+_KEYS = {k: f"amplitudes.{k}" for k in ("distribution", "modes", "helix_scale", "uniform_range", "gaussian_mean",
+                                         "gaussian_std", "states", "state_weights", "state_spread")}
+_KEYS.update({"ctf": "ctf.enabled", "ctf_bfactor": "ctf.bfactor", "ctf_padding": "ctf.padding",
+              **{k: f"ctf.{k}" for k in ("voltage", "cs", "amplitude_contrast", "defocus", "defocus_spread",
+                                         "astigmatism", "phase_shift")}})
+
+
+@schema_settings("simulate", keys=_KEYS)
 class Settings:
-    """The ``simulate`` config section as typed values (see the schema for each key)."""
+    """The ``simulate`` config section as typed values (defaults and meanings: the schema)."""
 
-    n_particles: int = 70000
-    box: int = 256
-    pixel_size: float = 0.325
-    seed: int = 0
-    distribution: str = "helix"
-    modes: list | None = None
-    helix_scale: float = 200.0
-    uniform_range: tuple = (-200.0, 200.0)
-    gaussian_mean: float = 0.0
-    gaussian_std: float = 100.0
-    states: list = field(default_factory=lambda: [[-150.0, 0.0, 0.0], [0.0, 0.0, 0.0], [150.0, 0.0, 0.0]])
-    state_weights: list | None = None
-    state_spread: float = 0.0
-    rotations: str = "uniform"
-    shift_range: float = 5.0
-    ctf: bool = True
-    voltage: float = 200.0
-    cs: float = 2.0
-    amplitude_contrast: float = 0.1
-    defocus: float = 5000.0
-    defocus_spread: float = 0.0
-    astigmatism: float = 0.0
-    ctf_bfactor: float = 0.0
-    phase_shift: float = 0.0
-    ctf_padding: int = 1
-    snr: float | None = 0.1
-    noise_before_ctf: float = 0.5
-    snr_radius: float | None = None
-    snr_calibration: int = 64
-    scattering: str = "auto"
-    b_factor: float = 0.0
-    projector: str = "rotated_grid"
-    oversample: int = 2
-    truncate: float = 4.0
-    invert_contrast: bool = False
-    write_clean: bool = True
-    write_projections: bool = False
-    chunk_size: int = 1000
-    batch_size: int = 16
-    workers: int | None = None
-
-    @classmethod
-    def from_config(cls, config: dict) -> "Settings":
-        s = dict(config.get("simulate", {}))
-        amp = s.pop("amplitudes", {}) or {}
-        ctf = s.pop("ctf", {}) or {}
-        seed = s.pop("seed", None)
-        kw = dict(s)
-        kw["seed"] = int(config.get("seed", 0) if seed is None else seed)
-        for k in ("distribution", "modes", "helix_scale", "gaussian_mean", "gaussian_std", "states",
-                  "state_weights", "state_spread"):
-            if k in amp:
-                kw[k] = amp[k]
-        if "uniform_range" in amp:
-            kw["uniform_range"] = tuple(amp["uniform_range"])
-        mapping = {"enabled": "ctf", "voltage": "voltage", "cs": "cs", "amplitude_contrast": "amplitude_contrast",
-                   "defocus": "defocus", "defocus_spread": "defocus_spread", "astigmatism": "astigmatism",
-                   "bfactor": "ctf_bfactor", "phase_shift": "phase_shift", "padding": "ctf_padding"}
-        for k, v in ctf.items():
-            kw[mapping[k]] = v
-        known = set(cls.__dataclass_fields__)
-        unknown = set(kw) - known
-        if unknown:
-            raise ConfigError(f"simulate: unknown key(s) {sorted(unknown)}")
-        out = cls(**kw)
-        out.validate()
-        return out
+    n_particles: int
+    box: int
+    pixel_size: float
+    seed: int | None
+    distribution: str
+    modes: list | None
+    helix_scale: float
+    uniform_range: list
+    gaussian_mean: float
+    gaussian_std: float
+    states: list
+    state_weights: list | None
+    state_spread: float
+    rotations: str
+    shift_range: float
+    ctf: bool
+    voltage: float
+    cs: float
+    amplitude_contrast: float
+    defocus: float
+    defocus_spread: float
+    astigmatism: float
+    ctf_bfactor: float
+    phase_shift: float
+    ctf_padding: int
+    snr: float | None
+    noise_before_ctf: float
+    snr_radius: float | None
+    snr_calibration: int
+    scattering: str
+    b_factor: float
+    projector: str
+    oversample: int
+    truncate: float
+    invert_contrast: bool
+    write_clean: bool
+    write_projections: bool
+    chunk_size: int
+    batch_size: int
+    workers: int | None
 
     def validate(self) -> None:
         if self.box % 2 or self.box < 8:

@@ -10,7 +10,7 @@ import starfile
 
 from deephemnma.core.star import read_star
 from deephemnma.core.errors import ConfigError
-from deephemnma.groups import assign_bins, assign_boxes, assign_groups, summarise_groups
+from deephemnma.groups import GroupSettings, assign_bins, assign_boxes, assign_groups, summarise_groups
 
 from _landsim import optics_table
 
@@ -63,7 +63,8 @@ def test_quasi_uniform_bins_min_size_and_extremes():
 @pytest.mark.parametrize("method", ["kmeans", "gmm", "density"])
 def test_clusters_recover_blobs(method):
     Y, truth = blobs()
-    settings = {"method": method, "k": 3, "dims": 2, "n_init": 2, "level": 0.3}
+    settings = GroupSettings.from_config({"landscape": {"groups": {"method": method, "k": 3, "dims": 2, "n_init": 2,
+                                                                   "level": 0.3}}})
     lab, details = assign_groups(Y, settings, seed=0)
     assert set(np.unique(lab[lab > 0])) == {1, 2, 3}
     # each found group is (almost) one true blob; groups numbered by size (k-means, GMM) / peak height (density)

@@ -9,7 +9,14 @@ import pandas as pd
 import starfile
 
 from deephemnma.core.star import read_star
-from deephemnma.landscape import PCAModel, SpectralModel, build_landscape, concat_particle_sets, load_model
+from deephemnma.landscape import (
+    LandscapeSettings,
+    PCAModel,
+    SpectralModel,
+    build_landscape,
+    concat_particle_sets,
+    load_model,
+)
 
 from _landsim import gaussian_table, optics_table
 
@@ -77,7 +84,8 @@ def test_build_landscape_combined_and_spectral_compare():
     pred = gaussian_table(800, seed=1)
     hem = gaussian_table(1000, seed=2)
     hem["rlnImageName"] = [f"{i + 1:06d}@hemnma.mrcs" for i in range(1000)]
-    settings = {"fit_on": "combined", "n_components": 2, "spectral": {"compare": True, "n_neighbors": 10, "max_fit": 500}}
+    settings = LandscapeSettings.from_config({"landscape": {"fit_on": "combined", "n_components": 2, "spectral": {
+        "compare": True, "n_neighbors": 10, "max_fit": 500}}})
     table, optics, model, spec = build_landscape(pred, optics_table(), settings, 0, (hem, optics_table()))
     assert len(table) == 1800 and list(table["dhnmaSource"].value_counts().sort_index()) == [1000, 800]
     assert {"dhnmaPC1", "dhnmaPC2", "dhnmaSpectral1", "dhnmaSpectral2"} <= set(table.columns)

@@ -42,7 +42,7 @@ def toy(tmp_path_factory):
 def trained(toy, tmp_path_factory):
     """An uninterrupted tiny training run (CLI)."""
     out = tmp_path_factory.mktemp("run") / "full"
-    proc = subprocess.run([sys.executable, "-m", "deephemnma", "train", "--particles", toy, "--out", out, *TINY],
+    proc = subprocess.run([sys.executable, "-m", "deephemnma", "train", "--particles", toy, "--outdir", out, *TINY],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -73,7 +73,7 @@ def test_outputs_of_a_training_run(trained):
 
 def test_resume_after_kill_is_bit_for_bit(toy, trained, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", str(toy), "--out", str(out), *TINY]
+    cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", str(toy), "--outdir", str(out), *TINY]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.monotonic()
@@ -110,7 +110,7 @@ def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, 
 
     out = tmp_path / "again"
     shutil.copytree(trained, out)
-    cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", str(toy), "--out", str(out), *TINY,
+    cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", str(toy), "--outdir", str(out), *TINY,
            "--resume", "auto"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -127,9 +127,9 @@ def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, 
     # an unfinished run of the same training is continued
     from deephemnma.network.train import TrainSettings, train
 
-    settings = TrainSettings.from_config(dict(arch="resnet10", hidden=[64, 32], epochs=3, batch_size=6,
-                                              num_workers=0, val_fraction=0.25, device="cpu", engine="single"),
-                                         seed=0)
+    settings = TrainSettings.from_config({"seed": 0, "network": dict(
+        arch="resnet10", hidden=[64, 32], epochs=3, batch_size=6, num_workers=0, val_fraction=0.25, device="cpu",
+        engine="single")})
     piece = tmp_path / "pieces"
     r = train(toy, piece, settings, max_epochs=2)
     r.engine.close()
@@ -196,7 +196,7 @@ def test_predict_rejects_other_image_sizes(trained, tmp_path, run_cli):
 
 
 def test_train_rejects_overlapping_validation(toy, tmp_path, run_cli):
-    proc = run_cli("train", "--particles", toy, "--val", toy, "--out", tmp_path / "o", *TINY)
+    proc = run_cli("train", "--particles", toy, "--val", toy, "--outdir", tmp_path / "o", *TINY)
     assert proc.returncode == 2 and "in both the training and the validation set" in proc.stderr
 
 
@@ -212,8 +212,9 @@ def test_network_learns_poses_shifts_and_amplitudes(tmp_path):
     from deephemnma.network.train import TrainSettings, train
 
     star = make_toy_particles(tmp_path / "data", n=1500, box=64, snr=2.0, seed=8, max_angle_deg=90)
-    s = TrainSettings.from_config(dict(arch="resnet10", epochs=6, batch_size=32, lr=1e-3, warmup_epochs=1,
-                                       val_fraction=0.1, num_workers=1, device="cpu", engine="single"), seed=0)
+    s = TrainSettings.from_config({"seed": 0, "network": dict(
+        arch="resnet10", epochs=6, batch_size=32, lr=1e-3, warmup_epochs=1, val_fraction=0.1, num_workers=1,
+        device="cpu", engine="single")})
     assert s.mode == "joint" and s.dropout == 0.0  # the fast recipe's defaults
     r = train(star, tmp_path / "net", s)
     best, base = r.summary["best"], r.summary["mean_prediction_baseline"]

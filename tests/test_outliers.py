@@ -62,7 +62,7 @@ def test_filter_command(tmp_path, run_cli):
     df.loc[:4, "dhnmaAmplitude007"] = 1e5
     df["rlnAngleRot"] = 1.5
     starfile.write({"optics": optics_table(), "particles": df}, tmp_path / "hemnma.star")
-    r = run_cli("filter", "--particles", tmp_path / "hemnma.star", "--kept", tmp_path / "kept.star",
+    r = run_cli("filter", "--particles", tmp_path / "hemnma.star", "--out", tmp_path / "kept.star",
                 "--set", "landscape.filter.threshold=3.5")
     assert r.returncode == 0, r.stderr
     kept = read_star(tmp_path / "kept.star")
@@ -76,5 +76,5 @@ def test_filter_command(tmp_path, run_cli):
     assert sorted(both) == sorted(df["rlnImageName"]) and not both.duplicated().any()
     assert "kept" in r.stdout
     # a missing file is one line naming it, exit code 2
-    r = run_cli("filter", "--particles", tmp_path / "nope.star", "--kept", tmp_path / "k.star")
+    r = run_cli("filter", "--particles", tmp_path / "nope.star", "--out", tmp_path / "k.star")
     assert r.returncode == 2 and "nope.star" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -194,7 +194,7 @@ def test_real_relion31_data(peer_dir, tmp_path, run_cli):
     from deephemnma.core.star import read_star
 
     out = tmp_path / "prep"
-    r = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--out-dir", out,
+    r = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--outdir", out,
                 "--set", "preprocess.set1_size=3", "--set", "preprocess.chunk_size=2", "--set", "preprocess.invert_contrast=true")
     assert r.returncode == 0, r.stderr
     s1 = read_star(out / "set1.star")
@@ -207,10 +207,10 @@ def test_real_relion31_data(peer_dir, tmp_path, run_cli):
         assert row["dhnmaOriginalImageName"].endswith("@relion31.mrcs")
     x = read_stack(out / "set1/chunk_0000.mrcs")
     assert x.shape == (2, 128, 128) and np.isfinite(x).all()
-    plan = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--out-dir", out, "--plan",
+    plan = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--outdir", out, "--plan",
                    "--set", "preprocess.set1_size=3", "--set", "preprocess.chunk_size=2")
     assert [c["name"] for c in json.loads(plan.stdout)] == ["set1/chunk_0000", "set1/chunk_0001", "set2/chunk_0000"]
     # a box larger than the input is an input error, one line, exit 2
-    bad = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--out-dir", tmp_path / "bad",
+    bad = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--outdir", tmp_path / "bad",
                   "--set", "preprocess.box=512")
     assert bad.returncode == 2 and "smaller than preprocess.box" in bad.stderr

@@ -9,6 +9,7 @@ import pandas as pd
 import starfile
 
 from deephemnma.core import plots
+from deephemnma.commands.report import report_sections
 from deephemnma.report import build_report
 
 from _landsim import optics_table
@@ -31,7 +32,7 @@ def make_tree(root):
         {"method": "pca", "columns": ["dhnmaAmplitude007"], "explained_variance_ratio": [0.7, 0.2]}))
     (root / "landscape" / "broken.json").write_text("{not json")
     for g in (1, 2):
-        d = root / "reconstruct" / f"group_{g:02d}"
+        d = root / "maps" / f"group_{g:02d}"
         d.mkdir(parents=True)
         f = np.linspace(0, 0.25, 17)
         pd.DataFrame({"shell": np.arange(17), "frequency": f, "fsc": 1 / (1 + np.exp((f - 0.15 + 0.02 * g) * 60))}
@@ -49,7 +50,7 @@ def make_tree(root):
 
 def test_report_sections_and_self_contained(tmp_path):
     make_tree(tmp_path / "results")
-    out = build_report(tmp_path / "results", tmp_path / "report.html", title="test run")
+    out = build_report(tmp_path / "results", tmp_path / "report.html", report_sections(), title="test run")
     text = out.read_text()
     assert text.startswith("<!DOCTYPE html>") and "<title>test run</title>" in text
     for title in ("Normal modes", "Network training", "Conformational landscape", "Reconstructions and FSC",
@@ -62,7 +63,7 @@ def test_report_sections_and_self_contained(tmp_path):
     assert len(imgs) >= 4 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert "http://" not in text and "https://" not in text and "<link" not in text and "<script" not in text
     assert "training curves" in text  # drawn from history.csv
-    assert "FSC of 2 map(s)" in text and "reconstruct/group_02" in text and "8.1" in text  # reconstruction table
+    assert "FSC of 2 map(s)" in text and "maps/group_02" in text and "8.1" in text  # reconstruction table
     assert "landscape/landscape.star: landscape" in text  # plotted from the STAR file
     assert "broken.json: could not be shown" in text  # reported, not fatal
     assert "n_atoms" in text and "214" in text and "seed: 0" in text
@@ -70,7 +71,7 @@ def test_report_sections_and_self_contained(tmp_path):
 
 def test_report_of_empty_or_partial_tree(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
-    out = build_report(tmp_path / "empty", tmp_path / "e.html")
+    out = build_report(tmp_path / "empty", tmp_path / "e.html", report_sections())
     assert "No results found" in out.read_text()
     (tmp_path / "partial" / "groups").mkdir(parents=True)
     pd.DataFrame({"group": [1, 2], "size": [10, 20]}).to_csv(tmp_path / "partial" / "groups" / "groups.csv", index=False)

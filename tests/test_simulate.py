@@ -331,7 +331,7 @@ def test_cli_nma_simulate_preprocess(ak_dir, tmp_path, run_cli):
     out = tmp_path / "sim"
     args = ["--set", "simulate.n_particles=12", "--set", "simulate.chunk_size=5", "--set", "simulate.box=64",
             "--set", "simulate.pixel_size=1.3", "--set", "simulate.snr_calibration=8"]
-    r = run_cli("simulate", "--modes", modes, "--out-dir", out, *args, "--threads", "2")
+    r = run_cli("simulate", "--modes", modes, "--outdir", out, *args, "--threads", "2")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "simulate.json").read_text())
     ms = load_modes(modes)
@@ -340,9 +340,9 @@ def test_cli_nma_simulate_preprocess(ak_dir, tmp_path, run_cli):
     truth = read_star(out / "ground_truth.star").particles
     assert len(truth) == 12 and "dhnmaAmplitude009" in truth
     assert (out / "simulate.log").is_file() and len(list((out / "stacks").glob("particles_*.mrcs"))) == 3
-    r = run_cli("preprocess", "--particles", out / "particles.star", "--out-dir", tmp_path / "prep",
+    r = run_cli("preprocess", "--particles", out / "particles.star", "--outdir", tmp_path / "prep",
                 "--set", "preprocess.box=32", "--set", "preprocess.set1_size=8", "--set", "preprocess.chunk_size=4")
     assert r.returncode == 0, r.stderr
     assert len(read_star(tmp_path / "prep/set1.star")) == 8 and len(read_star(tmp_path / "prep/set2.star")) == 4
-    bad = run_cli("simulate", "--modes", tmp_path / "missing.npz", "--out-dir", tmp_path / "x")
+    bad = run_cli("simulate", "--modes", tmp_path / "missing.npz", "--outdir", tmp_path / "x")
     assert bad.returncode == 2 and "missing.npz" in bad.stderr

@@ -11,49 +11,41 @@ import torch
 
 from ..core import geometry
 from ..core.ctf import CTFParams
+from ..core.errors import ConfigError
+from ..core.settings import schema_settings
 from .levels import Level, LevelData, ctf_for_level
 from .model import ElasticModel
 from .refine import refine
-from ..core.errors import ConfigError
 from .search import TemplateBank, amplitude_grid, orientation_grid
 
 #: largest template bank (GB) the search may build
 MAX_BANK_GB = 4.0
 
 
-@dataclass
+@schema_settings("align")
 class AlignSettings:
-    """The ``align`` config section as typed values (see the schema for each key)."""
+    """The ``align`` config section as typed values (defaults and meanings: the schema)."""
 
-    modes: list | None = None
-    atom_sigma: float | None = None
-    levels: list = field(default_factory=lambda: [32, 64, 128])
-    iterations: list = field(default_factory=lambda: [40, 25, 15])
-    candidates: list = field(default_factory=lambda: [4, 2, 1])
-    search_box: int = 32
-    angular_step: float = 15.0
-    max_shift: float | None = None
-    search_amplitude_points: int = 3
-    search_amplitude_rmsd: float = 5.0
-    search_amplitude_modes: int = 3
-    max_amplitude_rmsd: float = 10.0
-    blur_factor: float = 0.5
-    resolution: float | None = None
-    coarse_cell: float = 0.0
-    xtol: float = 0.01
-    ctf: str = "auto"
-    invert_contrast: bool = False
-    batch_size: int = 32
-    min_significance: float | None = 10.0
-
-    @classmethod
-    def from_config(cls, config: dict) -> "AlignSettings":
-        s = dict(config.get("align", {}) if "align" in config else config)
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in s.items() if k in known})
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    modes: list | None
+    atom_sigma: float | None
+    levels: list
+    iterations: list
+    candidates: list
+    search_box: int
+    angular_step: float
+    max_shift: float | None
+    search_amplitude_points: int
+    search_amplitude_rmsd: float
+    search_amplitude_modes: int
+    max_amplitude_rmsd: float
+    blur_factor: float
+    resolution: float | None
+    coarse_cell: float
+    xtol: float
+    ctf: str
+    invert_contrast: bool
+    batch_size: int
+    min_significance: float | None
 
 
 @dataclass

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "align"
-ORDER = 30
+STAGE = Stage(order=30, sections=("align",), results="align", report="HEMNMA alignment (image set 1)")
 HELP = "HEMNMA: per-particle normal-mode amplitudes, angles and shifts (one chunk, CPU)"
 DESCRIPTION = (
     "Fit every particle of a STAR file with the reference deformed by its normal modes, rotated,\n"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "animate"
-ORDER = 85
+STAGE = Stage(order=85, sections=("landscape",), results="animate", report="Animations")
 HELP = "animate the reference along the landscape axes (multi-model PDB for ChimeraX); group centroids"
 DESCRIPTION = (
     "Map points along each landscape axis back to normal-mode amplitudes with the fitted\n"
@@ -42,12 +44,13 @@ def run(args, config: dict) -> int:
     from ..animate import centroid_structures, write_axis_animations
     from ..core.errors import InputError
     from ..core.fileio import require_file
-    from ..landscape import PCAModel, load_model
+    from ..landscape import load_model
     from ..core.modes import load_modes
 
     model = load_model(args.model)
-    if not isinstance(model, PCAModel):
-        raise InputError(args.model, "animations need a PCA landscape model (a spectral embedding has no inverse map)")
+    if not model.INVERTIBLE:
+        raise InputError(args.model, f"animations need a landscape model that maps back to amplitudes (PCA); "
+                                     f"{model.NAME} has no inverse map")
     ms = load_modes(require_file(args.modes, "modes file"))
     atoms = ms.atoms()  # atoms or pseudoatoms, in the frame the modes were computed in
     modes = {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "evaluate"
-ORDER = 90
+STAGE = Stage(order=90, sections=("landscape",), results="evaluate", report="Evaluation against ground truth")
 HELP = "compare estimated parameters (and group maps) with the ground truth of synthetic data"
 DESCRIPTION = (
     "The paper's accuracy metrics for a particle STAR file against a ground-truth table (CSV or\n"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "filter"
-ORDER = 60
+STAGE = Stage(order=40, sections=("landscape.filter", "landscape.modes"), results="filter", report="Outlier filter")
 HELP = "drop particles whose normal-mode amplitudes are outliers (Mahalanobis distance)"
 DESCRIPTION = (
     "Mahalanobis outlier filter on the normal-mode amplitudes (dhnmaAmplitudeNNN columns) of a\n"
@@ -15,20 +17,20 @@ DESCRIPTION = (
     "amplitudes). Settings: landscape.filter.threshold / method, landscape.modes."
 )
 EXAMPLES = [
-    "deephemnma filter --particles hemnma.star --kept kept.star --dropped outliers.star",
-    "deephemnma filter --particles hemnma.star --kept kept.star --set landscape.filter.threshold=3.0",
+    "deephemnma filter --particles hemnma.star --out kept.star --dropped outliers.star",
+    "deephemnma filter --particles hemnma.star --out kept.star --set landscape.filter.threshold=3.0",
 ]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--particles", required=True, metavar="STAR", help="particles with amplitude columns")
-    p.add_argument("--kept", required=True, metavar="STAR", help="output: particles kept")
-    p.add_argument("--dropped", metavar="STAR", help="output: particles dropped (default: <kept>_dropped.star)")
-    p.add_argument("--summary", metavar="JSON", help="output: counts and fitted distribution (default: <kept>.json)")
+    p.add_argument("--out", required=True, metavar="STAR", help="output: the particles kept")
+    p.add_argument("--dropped", metavar="STAR", help="output: particles dropped (default: <out>_dropped.star)")
+    p.add_argument("--summary", metavar="JSON", help="output: counts and fitted distribution (default: <out>.json)")
 
 
 def default_log(args) -> Path:
-    return Path(args.kept).with_suffix(".log")
+    return Path(args.out).with_suffix(".log")
 
 
 def run(args, config: dict) -> int:
@@ -40,7 +42,7 @@ def run(args, config: dict) -> int:
     star = read_star(require_file(args.particles, "particle STAR file"))
     kept, dropped, filt = filter_table(star.particles, section["filter"]["threshold"], section["filter"]["method"],
                                        section["modes"], config["seed"], source=star.path)
-    kept_path = Path(args.kept)
+    kept_path = Path(args.out)
     dropped_path = Path(args.dropped) if args.dropped else kept_path.with_name(kept_path.stem + "_dropped.star")
     summary_path = Path(args.summary) if args.summary else kept_path.with_suffix(".json")
     write_star(dropped_path, dropped, star.optics, source=star.path)

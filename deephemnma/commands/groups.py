@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "groups"
-ORDER = 75
+STAGE = Stage(order=75, sections=("landscape",), results="groups", report="Groups")
 HELP = "group particles in the landscape; one RELION STAR file per group"
 DESCRIPTION = (
     "Group the particles of a landscape STAR file (columns dhnmaPC1 ...) by the method of\n"
@@ -41,10 +43,10 @@ def run(args, config: dict) -> int:
     from ..core.star import amplitude_columns, pc_columns, read_star
     from ..core.errors import InputError
     from ..core.fileio import require_file
-    from ..groups import assign_groups, export_groups, summarise_groups
+    from ..groups import GroupSettings, assign_groups, export_groups, summarise_groups
 
     section = config["landscape"]
-    gs = section["groups"]
+    gs = GroupSettings.from_config(config)
     star = read_star(require_file(args.particles, "landscape STAR file"))
     cols = pc_columns(star.particles)
     if not cols:
@@ -57,8 +59,8 @@ def run(args, config: dict) -> int:
                         source=star.path)
     plots.landscape(Path(args.outdir) / "landscape_groups.png", Y, labels, density=section["plots"]["density"],
                     max_points=section["plots"]["max_points"], seed=config["seed"],
-                    boxes=gs["boxes"] if gs["method"] == "boxes" else None,
-                    title=f"{doc['n_groups']} groups ({gs['method']}), {doc['n_dropped']} particles in none")
+                    boxes=gs.boxes if gs.method == "boxes" else None,
+                    title=f"{doc['n_groups']} groups ({gs.method}), {doc['n_dropped']} particles in none")
     sizes = ", ".join(str(v["size"]) for v in doc["groups"].values())
     print(f"{doc['n_groups']} groups ({sizes}) and {doc['n_dropped']} particles in no group, written to {args.outdir}")
     return 0

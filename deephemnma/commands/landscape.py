@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "landscape"
-ORDER = 70
-HELP = "conformational landscape: PCA (or Laplacian eigenmaps) of the normal-mode amplitudes"
+STAGE = Stage(order=70, sections=("landscape",), results="landscape", report="Conformational landscape")
+HELP = "conformational landscape: PCA (or Laplacian eigenmaps) of the amplitudes or any per-particle features"
 DESCRIPTION = (
     "Fit the conformational landscape of a particle STAR file with amplitude columns\n"
     "(dhnmaAmplitudeNNN), write every particle's coordinates as columns dhnmaPC1, dhnmaPC2 ...\n"
@@ -37,32 +39,29 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..core.star import amplitude_modes, read_star, rebase_image_names, write_star
     from ..core.fileio import require_file
-    from ..landscape import PCAModel, add_coordinates, build_landscape, landscape_plots, load_model
-    from ..core.features import amplitude_matrix
+    from ..core.star import read_star, rebase_image_names, write_star
+    from ..landscape import LandscapeSettings, apply_model, build_landscape, landscape_plots, load_model
 
-    section = dict(config["landscape"])
+    settings = LandscapeSettings.from_config(config)
     star = read_star(require_file(args.particles, "particle STAR file"))
     out = Path(args.out)
     if args.apply_model:
         model = load_model(args.apply_model)
-        X, _ = amplitude_matrix(star.particles, amplitude_modes(model.columns), star.path)
-        table, optics = add_coordinates(star.particles, model.transform(X), "pc"), star.optics
+        table, optics = apply_model(star.particles, model, star.path), star.optics
     else:
         hemnma = None
         if args.hemnma:
             h = read_star(require_file(args.hemnma, "HEMNMA STAR file"))
             hemnma = (rebase_image_names(h.particles, h.path, star.path), h.optics)
-        table, optics, model, spectral = build_landscape(star.particles, star.optics, section, config["seed"],
+        table, optics, model, spectral = build_landscape(star.particles, star.optics, settings, config["seed"],
                                                          hemnma, star.path)
         model_path = Path(args.model) if args.model else out.with_name(out.stem + "_model.json")
         model.save(model_path)
         if spectral is not None:
             spectral.save(model_path.with_name(model_path.stem + "_spectral.json"))
     if args.plots:
-        landscape_plots(args.plots, table, model, section, config["seed"])
+        landscape_plots(args.plots, table, model, settings, config["seed"])
     write_star(out, table, optics, source=star.path)
-    kind = "PCA" if isinstance(model, PCAModel) else "spectral"
-    print(f"{kind} landscape of {len(table)} particles ({model.n_components} coordinates) written to {out}")
+    print(f"{model.NAME} landscape of {len(table)} particles ({model.n_components} coordinates) written to {out}")
     return 0

@@ -12,11 +12,11 @@ DESCRIPTION = (
     "tables must agree; every column is kept; relative image paths are rewritten so that\n"
     "they resolve from the output's directory."
 )
-EXAMPLES = ["deephemnma merge --inputs align/chunk_0000.star align/chunk_0001.star --out align/hemnma.star"]
+EXAMPLES = ["deephemnma merge --particles align/chunk_0000.star align/chunk_0001.star --out align/hemnma.star"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--inputs", nargs="+", required=True, metavar="STAR", help="STAR files, in order")
+    p.add_argument("--particles", nargs="+", required=True, metavar="STAR", help="STAR files, in order")
     p.add_argument("--out", required=True, metavar="STAR", help="output STAR file")
 
 
@@ -28,6 +28,6 @@ def run(args, config: dict) -> int:
     from ..core.fileio import require_file
     from ..core.star import concat_stars
 
-    star = concat_stars([require_file(p, "STAR file") for p in args.inputs], args.out)
-    print(f"{len(star.particles)} particles from {len(args.inputs)} files → {args.out}")
+    star = concat_stars([require_file(p, "STAR file") for p in args.particles], args.out)
+    print(f"{len(star.particles)} particles from {len(args.particles)} files → {args.out}")
     return 0

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "nma"
-ORDER = 10
+STAGE = Stage(order=10, sections=("reference", "nma"), results="nma", report="Normal modes")
 HELP = "normal modes of the reference (atomic model or EM map → pseudoatoms)"
 DESCRIPTION = (
     "Elastic-network normal modes of the reference. An atomic model (PDB/mmCIF; chains and\n"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "predict"
-ORDER = 61
+STAGE = Stage(order=55, sections=("network",), results="predict", report="Network predictions (image set 2)")
 HELP = "predict amplitudes, angles and shifts of particles with a trained network"
 DESCRIPTION = """\
 Apply a checkpoint written by `deephemnma train` (best.pt) to the particles of one STAR

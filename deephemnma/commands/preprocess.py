@@ -5,8 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "preprocess"
-ORDER = 25
+STAGE = Stage(order=25, sections=("data", "preprocess"), results="preprocess", report="Pre-processing")
 HELP = "phase-flip, downscale, normalise and split particles into chunked image sets 1 and 2"
 DESCRIPTION = (
     "Read any RELION STAR file (3.0-5) and its stacks; per image: CTF phase flip, antialias\n"
@@ -20,14 +22,14 @@ DESCRIPTION = (
     "--plan prints the chunk plan (JSON) without processing anything."
 )
 EXAMPLES = [
-    "deephemnma preprocess --particles results/simulate/particles.star --out-dir results/preprocess",
-    "deephemnma preprocess --particles run_data.star --out-dir prep --set preprocess.set1_fraction=0.1 --threads 8",
+    "deephemnma preprocess --particles results/simulate/particles.star --outdir results/preprocess",
+    "deephemnma preprocess --particles run_data.star --outdir prep --set preprocess.set1_fraction=0.1 --threads 8",
 ]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--particles", required=True, metavar="STAR", help="RELION particle STAR file")
-    p.add_argument("--out-dir", required=True, metavar="DIR", help="output directory (created; re-runs resume)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="output directory (created; re-runs resume)")
     p.add_argument("--data-dir", metavar="DIR", help="directory against which image paths are resolved "
                    "(default: data.data_dir, else the STAR file's directory and its parents)")
     p.add_argument("--pixel-size", type=float, metavar="A", help="pixel size for STAR files that give none "
@@ -37,7 +39,7 @@ def add_arguments(p) -> None:
 
 
 def default_log(args) -> Path | None:
-    return None if args.plan else Path(args.out_dir) / "preprocess.log"
+    return None if args.plan else Path(args.outdir) / "preprocess.log"
 
 
 def run(args, config: dict) -> int:
@@ -59,9 +61,9 @@ def run(args, config: dict) -> int:
 
     require_file(args.particles, "particle STAR file")
     workers = settings.workers or args.threads or 1
-    m = preprocess_dataset(args.particles, args.out_dir, settings, data_dir=data_dir, pixel_size=pixel_size,
+    m = preprocess_dataset(args.particles, args.outdir, settings, data_dir=data_dir, pixel_size=pixel_size,
                            workers=workers, only=args.chunks)
     if m["complete"]:
         for name, s in m["sets"].items():
-            print(f"{name}\t{Path(args.out_dir) / s['star']}\t{s['n']}")
+            print(f"{name}\t{Path(args.outdir) / s['star']}\t{s['n']}")
     return 0

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "reconstruct"
-ORDER = 80
+STAGE = Stage(order=80, sections=("reconstruct",), results="maps", report="Reconstructions and FSC")
 HELP = "reconstruct a particle group (direct Fourier inversion): map, half maps, FSC"
 DESCRIPTION = (
     "Reconstruct the particles of a STAR file (e.g. groups/group_01.star) from their ORIGINAL-size\n"
@@ -49,7 +51,7 @@ def run(args, config: dict) -> int:
     from ..core.fileio import require_file
     from ..reconstruct import ReconstructSettings, reconstruct_star
 
-    settings = ReconstructSettings.from_config(config["reconstruct"])
+    settings = ReconstructSettings.from_config(config)
     star = read_star(require_file(args.particles, "particle STAR file"), pixel_size=args.pixel_size,
                      data_dir=args.data_dir)
     images, pixel_size = None, args.pixel_size

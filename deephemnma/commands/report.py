@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "report"
-ORDER = 95
+STAGE = Stage(order=95, sections=("landscape",))
 HELP = "HTML report of a results directory (figures embedded; works with whatever stages exist)"
 DESCRIPTION = (
     "Assemble the figures and tables found in a results directory into one self-contained\n"
@@ -25,6 +27,13 @@ def default_log(args) -> Path:
     return Path(args.out).with_suffix(".log")
 
 
+def report_sections() -> list[tuple[str, str]]:
+    """(title, results folder) of every stage that has a report section, in pipeline order."""
+    from . import stages
+
+    return [(st.report, st.results) for st in stages().values() if st.report and st.results]
+
+
 def run(args, config: dict) -> int:
     from ..core.errors import InputError
     from ..report import build_report
@@ -32,6 +41,6 @@ def run(args, config: dict) -> int:
     if not Path(args.results).is_dir():
         raise InputError(args.results, "results directory not found")
     rc = config["landscape"]["report"]
-    out = build_report(args.results, args.out, rc["title"], rc["max_table_rows"], config["seed"])
+    out = build_report(args.results, args.out, report_sections(), rc["title"], rc["max_table_rows"], config["seed"])
     print(f"report written to {out}")
     return 0

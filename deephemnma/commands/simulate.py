@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "simulate"
-ORDER = 20
+STAGE = Stage(order=20, sections=("simulate",), results="simulate", report="Simulated data")
 HELP = "simulate particle images with known conformations, poses and CTF (the paper's benchmark)"
 DESCRIPTION = (
     "Deform the reference along its normal modes (amplitudes from simulate.amplitudes: the\n"
@@ -18,19 +20,19 @@ DESCRIPTION = (
     "section (deephemnma config --schema)."
 )
 EXAMPLES = [
-    "deephemnma simulate --modes results/nma/modes.npz --out-dir results/simulate",
-    "deephemnma simulate --modes modes.npz --out-dir sim --set simulate.n_particles=2000 --set simulate.box=128 "
+    "deephemnma simulate --modes results/nma/modes.npz --outdir results/simulate",
+    "deephemnma simulate --modes modes.npz --outdir sim --set simulate.n_particles=2000 --set simulate.box=128 "
     "--set simulate.pixel_size=0.65 --threads 2",
 ]
 
 
 def add_arguments(p) -> None:
     p.add_argument("--modes", required=True, metavar="FILE", help="mode file written by 'deephemnma nma'")
-    p.add_argument("--out-dir", required=True, metavar="DIR", help="output directory (created; re-runs resume)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="output directory (created; re-runs resume)")
 
 
 def default_log(args) -> Path:
-    return Path(args.out_dir) / "simulate.log"
+    return Path(args.outdir) / "simulate.log"
 
 
 def run(args, config: dict) -> int:
@@ -39,7 +41,7 @@ def run(args, config: dict) -> int:
     settings = Settings.from_config(config)
     reference = load_reference(args.modes)
     workers = settings.workers or args.threads or 1
-    manifest = simulate_dataset(reference, settings, args.out_dir, workers=workers)
-    print(f"particles\t{Path(args.out_dir) / manifest['particles_star']}")
-    print(f"ground_truth\t{Path(args.out_dir) / manifest['ground_truth_star']}")
+    manifest = simulate_dataset(reference, settings, args.outdir, workers=workers)
+    print(f"particles\t{Path(args.outdir) / manifest['particles_star']}")
+    print(f"ground_truth\t{Path(args.outdir) / manifest['ground_truth_star']}")
     return 0

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.stage import Stage
+
 NAME = "train"
-ORDER = 60
+STAGE = Stage(order=50, sections=("network",), results="network", report="Network training",
+              derived={"network.engine": "workflow.train_engine"})
 HELP = "train the ResNet regressor on particles with HEMNMA labels (image set 1)"
 DESCRIPTION = """\
 Train the DeepHEMNMA network (ResNet34 + MLP; seed 000 §2.2) to predict normal-mode
@@ -35,9 +38,9 @@ abbreviation of their own --log-* options ("ambiguous option: --log"): leave --l
 network.batch_size is per rank; the learning rate is multiplied by the number of ranks
 (network.scale_lr: linear). Ranks other than 0 log to <log>.rankN."""
 EXAMPLES = [
-    "deephemnma train --particles set1_filtered.star --out results/network",
-    "deephemnma train --particles chunk_000.star chunk_001.star --val val.star --out net --set network.recipe=paper",
-    "horovodrun -np 2 -H localhost:2 --gloo python -m deephemnma train --particles set1.star --out net",
+    "deephemnma train --particles set1_filtered.star --outdir results/network",
+    "deephemnma train --particles chunk_000.star chunk_001.star --val val.star --outdir net --set network.recipe=paper",
+    "horovodrun -np 2 -H localhost:2 --gloo python -m deephemnma train --particles set1.star --outdir net",
 ]
 
 
@@ -45,7 +48,7 @@ def add_arguments(p) -> None:
     p.add_argument("--particles", nargs="+", required=True, metavar="STAR",
                    help="STAR file(s) of the training particles with HEMNMA labels")
     p.add_argument("--val", nargs="+", metavar="STAR", help="validation STAR file(s) (default: split off by particle)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, metrics, plots)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="output directory (checkpoints, metrics, plots)")
     p.add_argument("--data-dir", metavar="DIR", help="directory against which image paths are resolved")
     p.add_argument("--original-pixel-size", type=float, metavar="A",
                    help="pixel size (Å) of the full-size particles, recorded in the checkpoint (default: the training images')")
@@ -68,7 +71,7 @@ def _launcher_rank() -> int:
 
 def default_log(args) -> Path:
     rank = _launcher_rank()
-    return Path(args.out) / ("train.log" if rank == 0 else f"train.rank{rank}.log")
+    return Path(args.outdir) / ("train.log" if rank == 0 else f"train.rank{rank}.log")
 
 
 def run(args, config: dict) -> int:
@@ -81,8 +84,8 @@ def run(args, config: dict) -> int:
     elif rank:
         setup_logging(default_log(args), verbose=args.verbose, quiet=True)
 
-    settings = TrainSettings.from_config(config.get("network", {}), seed=config.get("seed", 0))
-    result = train(args.particles, args.out, settings, val_particles=args.val, data_dir=args.data_dir,
+    settings = TrainSettings.from_config(config)
+    result = train(args.particles, args.outdir, settings, val_particles=args.val, data_dir=args.data_dir,
                    resume=False if args.no_resume else {"yes": True, "auto": "auto", "no": False}[args.resume],
                    original_pixel_size=args.original_pixel_size)
     result.engine.close()

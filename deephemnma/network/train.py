@@ -52,6 +52,7 @@ from .. import __version__
 from ..core.errors import ConfigError, InputError
 from ..core.fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..core.logs import get_logger
+from ..core.settings import schema_settings
 from ..core.star import ORIGINAL_PIXEL_SIZE
 from .checkpoint import inference_state, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (
@@ -77,68 +78,55 @@ RECIPES: dict[str, dict] = {
 }
 
 
-@dataclass
+@schema_settings("network")
 class TrainSettings:
-    """The ``network`` section of the configuration, recipe defaults resolved."""
+    """The ``network`` section of the configuration (defaults: the schema); keys left null
+    take the recipe's value (:data:`RECIPES`), keys set explicitly win over the recipe."""
 
-    recipe: str = "fast"
-    mode: str = "joint"
-    arch: str = "resnet34"
-    hidden: list = field(default_factory=lambda: [1000, 512, 128])
-    dropout: float = 0.0
-    epochs: int = 60
-    batch_size: int = 32
-    accumulate: int = 1
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    step_epochs: int = 80
-    step_gamma: float = 0.1
-    warmup_epochs: float = 2
-    min_lr_ratio: float = 0.01
-    scale_lr: str = "linear"
-    amplitude_weight: float = 1.0
-    quaternion_weight: float = 1.0
-    shift_weight: float = 1.0
-    quaternion_loss: str = "l1"
-    amp: str = "auto"
-    channels_last: str = "auto"
-    clip_grad: float = 0.0
-    val_fraction: float = 0.1
-    patience: int = 20
-    min_delta: float = 0.0
-    augment: str = "none"
-    normalize: str = "per_image"
-    exclude_flagged: bool = True
-    num_workers: int | None = None
-    engine: str = "auto"
-    device: str = "auto"
-    deterministic: bool = False
-    seed: int = 0
-    predict_batch_size: int = 256
+    recipe: str
+    mode: str | None
+    arch: str
+    hidden: list
+    dropout: float | None
+    epochs: int | None
+    batch_size: int | None
+    accumulate: int
+    optimizer: str | None
+    lr: float | None
+    weight_decay: float | None
+    schedule: str | None
+    step_epochs: int
+    step_gamma: float
+    warmup_epochs: float | None
+    min_lr_ratio: float
+    scale_lr: str
+    amplitude_weight: float
+    quaternion_weight: float
+    shift_weight: float
+    quaternion_loss: str
+    amp: str | None
+    channels_last: str | None
+    clip_grad: float
+    val_fraction: float
+    patience: int | None
+    min_delta: float
+    augment: str
+    normalize: str
+    exclude_flagged: bool
+    num_workers: int | None
+    engine: str
+    device: str
+    deterministic: bool
+    seed: int | None
+    predict_batch_size: int
 
-    @classmethod
-    def from_config(cls, section: dict | None = None, seed: int = 0, **overrides) -> "TrainSettings":
-        """Settings from a ``network`` config section (keys set to null take the recipe's value)."""
-        section = {**(section or {}), **overrides}
-        recipe = section.get("recipe") or "fast"
-        if recipe not in RECIPES:
-            raise ConfigError(f"network.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in RECIPES[recipe].items()}
-        for k, v in section.items():
-            if k not in known:
-                raise ConfigError(f"network.{k}: unknown setting")
-            if v is not None:
-                values[k] = v
-        values["recipe"] = recipe
-        values.setdefault("seed", seed)
-        if section.get("seed") is None:
-            values["seed"] = seed
-        s = cls(**values)
-        s.validate()
-        return s
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"network.recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+        for k, v in RECIPES[self.recipe].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        self.seed = int(self.seed or 0)
 
     def validate(self) -> None:
         checks = [

@@ -5,11 +5,11 @@
 rule align:
     """HEMNMA on one chunk of image set 1 (restartable; resumes from its progress file)."""
     input:
-        star=f"{OUT}/preprocess/set1/{{chunk}}.star",
-        modes=f"{OUT}/nma/modes.npz",
+        star=f"{R['preprocess']}/set1/{{chunk}}.star",
+        modes=f"{R['nma']}/modes.npz",
         cfg=stage_config("align"),
     output:
-        f"{OUT}/align/{{chunk}}.star",
+        f"{R['align']}/{{chunk}}.star",
     wildcard_constraints:
         chunk=r"chunk_\d+",
     log:
@@ -30,30 +30,30 @@ rule align:
 rule merge_align:
     """All chunks of image set 1 in plan order."""
     input:
-        expand(f"{OUT}/align/{{chunk}}.star", chunk=SET1),
+        expand(f"{R['align']}/{{chunk}}.star", chunk=SET1),
     output:
-        f"{OUT}/align/hemnma.star",
+        f"{R['align']}/hemnma.star",
     log:
         log_of("merge_align"),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} merge --inputs {input} --out {output} --log {log}"
+        "{DH} merge --particles {input} --out {output} --log {log}"
 
 
 rule filter:
     """Mahalanobis outlier filter on the HEMNMA amplitudes (the training set)."""
     input:
-        star=f"{OUT}/align/hemnma.star",
+        star=f"{R['align']}/hemnma.star",
         cfg=stage_config("filter"),
     output:
-        kept=f"{OUT}/filter/kept.star",
-        dropped=f"{OUT}/filter/dropped.star",
-        summary=f"{OUT}/filter/summary.json",
+        kept=f"{R['filter']}/kept.star",
+        dropped=f"{R['filter']}/dropped.star",
+        summary=f"{R['filter']}/summary.json",
     log:
         log_of("filter"),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} filter --particles {input.star} --kept {output.kept} --dropped {output.dropped} "
+        "{DH} filter --particles {input.star} --out {output.kept} --dropped {output.dropped} "
         "--summary {output.summary} --config {input.cfg} --log {log}"

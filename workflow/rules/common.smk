@@ -10,9 +10,15 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 from deephemnma import preprocess as _pp  # noqa: E402  (the package is installed in the environment)
+from deephemnma.commands import stages as _stages  # noqa: E402
 from deephemnma.core.star import count_particles as _count_particles  # noqa: E402
 
 OUT = config["outdir"].rstrip("/")
+# Each stage declares, in its command module (STAGE), the configuration it reads and its
+# results folder; its settings file <outdir>/config/<stage>.yaml holds exactly that part of the
+# configuration, so that changing one stage's settings reruns that stage and what follows it.
+STAGES = _stages()
+R = {name: f"{OUT}/{st.results}" for name, st in STAGES.items() if st.results}  # results folders
 from snakemake.settings.types import DeploymentMethod  # noqa: E402
 
 USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
@@ -29,7 +35,7 @@ SIMULATING = config["data"]["source"] == "simulate"
 # ---------------------------------------------------------------- inputs and the chunk plan
 def particles_star():
     if SIMULATING:
-        return f"{OUT}/simulate/particles.star"
+        return f"{R['simulate']}/particles.star"
     if not config["data"]["particles"]:
         raise ValueError("data.source is 'star' but data.particles is not set (the path of your STAR file)")
     return config["data"]["particles"]
@@ -37,7 +43,7 @@ def particles_star():
 
 def ground_truth():
     if SIMULATING:
-        return f"{OUT}/simulate/ground_truth.star"
+        return f"{R['simulate']}/ground_truth.star"
     return config["data"]["ground_truth"]
 
 
@@ -62,34 +68,8 @@ def evaluating():
 
 
 # ------------------------------------------------------------------ per-stage configuration
-# Each stage reads only these sections of the configuration (plus the seed); "a.b" is key b
-# of section a alone (the outlier filter feeds training: a change of the landscape's grouping
-# must not retrain the network).
-STAGE_SECTIONS = {
-    "nma": ["reference", "nma"],
-    "simulate": ["simulate"],
-    "preprocess": ["data", "preprocess"],
-    "align": ["align"],
-    "train": ["network"],
-    "predict": ["network"],
-    "filter": ["landscape.filter", "landscape.modes"],
-    "landscape": ["landscape"],
-    "reconstruct": ["reconstruct"],
-    "report": ["landscape"],
-}
-
-
 def stage_config_text(stage):
-    doc = {"seed": config["seed"]}
-    for s in STAGE_SECTIONS[stage]:
-        section, _, key = s.partition(".")
-        if key:
-            doc.setdefault(section, {})[key] = config[section][key]
-        else:
-            doc[section] = config[section]
-    if stage == "train":
-        doc["network"] = {**config["network"], "engine": config["workflow"]["train_engine"]}
-    return yaml.safe_dump(doc, sort_keys=True)
+    return yaml.safe_dump(STAGES[stage].select_config(config), sort_keys=True)
 
 
 def stage_config(stage):
@@ -111,7 +91,7 @@ rule stage_config:
     params:
         text=lambda w: stage_config_text(w.stage),
     wildcard_constraints:
-        stage="|".join(STAGE_SECTIONS),
+        stage="|".join(STAGES),
     localrule: True
     run:
         from deephemnma.core.fileio import atomic_write_text
@@ -121,15 +101,15 @@ rule stage_config:
 
 def final_outputs():
     out = [
-        f"{OUT}/landscape/landscape.star",
-        f"{OUT}/groups/groups.json",
-        f"{OUT}/animate/chimerax.cxc",
-        f"{OUT}/nma/animate",
+        f"{R['landscape']}/landscape.star",
+        f"{R['groups']}/groups.json",
+        f"{R['animate']}/chimerax.cxc",
+        f"{R['nma']}/animate",
         f"{OUT}/report.html",
     ]
     if evaluating():
-        out += [f"{OUT}/evaluate/hemnma/summary.json", f"{OUT}/evaluate/predicted/summary.json"]
+        out += [f"{R['evaluate']}/hemnma/summary.json", f"{R['evaluate']}/predicted/summary.json"]
     # Per-chunk results are products too: a deleted (or failed) chunk is redone, and what
     # depends on it after it (newer input), without touching the other chunks.
-    out += [f"{OUT}/align/{c}.star" for c in SET1] + [f"{OUT}/predict/{c}.star" for c in SET2]
+    out += [f"{R['align']}/{c}.star" for c in SET1] + [f"{R['predict']}/{c}.star" for c in SET2]
     return out

@@ -35,13 +35,13 @@ rule train:
     """ResNet34 + MLP regressor of amplitudes, orientation and shifts. A job killed midway
     continues from network/last.pt; one rerun because its inputs or settings changed starts over."""
     input:
-        star=f"{OUT}/filter/kept.star",
-        manifest=f"{OUT}/preprocess/preprocess.json",
+        star=f"{R['filter']}/kept.star",
+        manifest=f"{R['preprocess']}/preprocess.json",
         cfg=stage_config("train"),
     output:
-        best=f"{OUT}/network/best.pt",
-        summary=f"{OUT}/network/summary.json",
-        curves=report(f"{OUT}/network/curves.png", caption="../report/training.rst", category="3. Network"),
+        best=f"{R['train']}/best.pt",
+        summary=f"{R['train']}/summary.json",
+        curves=report(f"{R['train']}/curves.png", caption="../report/training.rst", category="3. Network"),
     log:
         log_of("train"),
     benchmark:
@@ -58,18 +58,18 @@ rule train:
     shell:
         # the log file goes by environment variable: launchers (horovodrun, torchrun) take
         # `--log…` options after the command for their own
-        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --out {OUT}/network "
+        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --outdir {R[train]} "
         "--config {input.cfg} --threads {threads} --resume auto"
 
 
 rule predict:
     """Network predictions for one shard of image set 2."""
     input:
-        star=f"{OUT}/preprocess/set2/{{chunk}}.star",
-        ckpt=f"{OUT}/network/best.pt",
+        star=f"{R['preprocess']}/set2/{{chunk}}.star",
+        ckpt=f"{R['train']}/best.pt",
         cfg=stage_config("predict"),
     output:
-        f"{OUT}/predict/{{chunk}}.star",
+        f"{R['predict']}/{{chunk}}.star",
     wildcard_constraints:
         chunk=r"chunk_\d+",
     log:
@@ -91,12 +91,12 @@ rule predict:
 rule merge_predict:
     """All shards of image set 2 in plan order."""
     input:
-        expand(f"{OUT}/predict/{{chunk}}.star", chunk=SET2),
+        expand(f"{R['predict']}/{{chunk}}.star", chunk=SET2),
     output:
-        f"{OUT}/predict/predicted.star",
+        f"{R['predict']}/predicted.star",
     log:
         log_of("merge_predict"),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} merge --inputs {input} --out {output} --log {log}"
+        "{DH} merge --particles {input} --out {output} --log {log}"

@@ -6,12 +6,12 @@ if SIMULATING:
     rule simulate:
         """The paper's synthetic adenylate-kinase particles with their ground truth."""
         input:
-            modes=f"{OUT}/nma/modes.npz",
+            modes=f"{R['nma']}/modes.npz",
             cfg=stage_config("simulate"),
         output:
-            star=f"{OUT}/simulate/particles.star",
-            truth=f"{OUT}/simulate/ground_truth.star",
-            manifest=f"{OUT}/simulate/simulate.json",
+            star=f"{R['simulate']}/particles.star",
+            truth=f"{R['simulate']}/ground_truth.star",
+            manifest=f"{R['simulate']}/simulate.json",
         log:
             log_of("simulate"),
         benchmark:
@@ -23,7 +23,7 @@ if SIMULATING:
         conda:
             "../../envs/core.yaml"
         shell:
-            "{DH} simulate --modes {input.modes} --out-dir {OUT}/simulate --config {input.cfg} "
+            "{DH} simulate --modes {input.modes} --outdir {R[simulate]} --config {input.cfg} "
             "--threads {threads} --log {log}"
 
 
@@ -33,9 +33,9 @@ rule preprocess_chunk:
         star=particles_star(),
         cfg=stage_config("preprocess"),
     output:
-        star=f"{OUT}/preprocess/{{set}}/{{chunk}}.star",
-        stack=f"{OUT}/preprocess/{{set}}/{{chunk}}.mrcs",
-        record=f"{OUT}/preprocess/{{set}}/{{chunk}}.json",
+        star=f"{R['preprocess']}/{{set}}/{{chunk}}.star",
+        stack=f"{R['preprocess']}/{{set}}/{{chunk}}.mrcs",
+        record=f"{R['preprocess']}/{{set}}/{{chunk}}.json",
     wildcard_constraints:
         set="set1|set2",
         chunk=r"chunk_\d+",
@@ -50,7 +50,7 @@ rule preprocess_chunk:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} preprocess --particles {input.star} --out-dir {OUT}/preprocess "
+        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} "
         "--chunks {wildcards.set}/{wildcards.chunk} --config {input.cfg} --threads {threads} --log {log}"
 
 
@@ -59,16 +59,16 @@ rule preprocess_index:
     input:
         star=particles_star(),
         cfg=stage_config("preprocess"),
-        chunks=[f"{OUT}/preprocess/{c['star']}" for c in CHUNKS],
+        chunks=[f"{R['preprocess']}/{c['star']}" for c in CHUNKS],
     output:
-        set1=f"{OUT}/preprocess/set1.star",
-        set2=f"{OUT}/preprocess/set2.star",
-        manifest=f"{OUT}/preprocess/preprocess.json",
+        set1=f"{R['preprocess']}/set1.star",
+        set2=f"{R['preprocess']}/set2.star",
+        manifest=f"{R['preprocess']}/preprocess.json",
     log:
         log_of("preprocess_index"),
     threads: 1
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} preprocess --particles {input.star} --out-dir {OUT}/preprocess --config {input.cfg} "
+        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} --config {input.cfg} "
         "--threads {threads} --log {log}"

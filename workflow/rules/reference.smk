@@ -11,7 +11,7 @@ rule fetch_demo_reference:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} fetch-demo --out {OUT}/reference --log {log}"
+        "{DH} fetch-demo --outdir {OUT}/reference --log {log}"
 
 
 rule nma:
@@ -20,9 +20,9 @@ rule nma:
         reference=reference_file(),
         cfg=stage_config("nma"),
     output:
-        modes=f"{OUT}/nma/modes.npz",
-        summary=report(f"{OUT}/nma/modes.json", caption="../report/nma.rst", category="1. Normal modes"),
-        animate=directory(f"{OUT}/nma/animate"),
+        modes=f"{R['nma']}/modes.npz",
+        summary=report(f"{R['nma']}/modes.json", caption="../report/nma.rst", category="1. Normal modes"),
+        animate=directory(f"{R['nma']}/animate"),
     log:
         log_of("nma"),
     benchmark:
