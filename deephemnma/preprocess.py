@@ -52,7 +52,6 @@ Snakemake at parse time).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -69,6 +68,7 @@ from .core.fileio import atomic_write_json
 from .core.imageops import crop_spectrum, normalise_background, radial_frequency, raised_cosine
 from .core.logs import get_logger, progress
 from .core.parallel import run_in_processes
+from .core.resume import chunk_done, fingerprint, write_record
 from .core.settings import schema_settings
 from .core.star import CTF_PHASE_FLIPPED as PHASE_FLIPPED, CTF_PREMULTIPLIED as PREMULTIPLIED
 from .core.star import ORIGINAL_IMAGE_NAME as ORIGINAL_NAME, ORIGINAL_PIXEL_SIZE
@@ -111,10 +111,7 @@ class PreprocessSettings:
         d = self.as_dict()
         for k in ("workers", "batch_size"):
             d.pop(k)
-        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
-        h.update(extra.encode())
-        h.update(str(FORMAT_VERSION).encode())
-        return h.hexdigest()[:32]
+        return fingerprint(d, extra, FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -267,20 +264,12 @@ def _process_chunk(task: dict) -> dict:
     stack_name = Path(spec["stack"]).name
     out[IMAGE_NAME] = [f"{i + 1:06d}@{stack_name}" for i in range(len(out))]
     write_star(out_dir / spec["star"], out, optics)
-    record = {**spec, "fingerprint": task["fingerprint"], "seconds": time.perf_counter() - t0}
-    atomic_write_json(out_dir / spec["record"], record)
-    return record
+    return write_record(out_dir / spec["record"], task["fingerprint"], **spec, seconds=time.perf_counter() - t0)
 
 
-def _chunk_done(out_dir: Path, spec: dict, fingerprint: str) -> bool:
-    rec = out_dir / spec["record"]
-    if not rec.is_file() or not (out_dir / spec["star"]).is_file() or not (out_dir / spec["stack"]).is_file():
-        return False
-    try:
-        r = json.loads(rec.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return r.get("fingerprint") == fingerprint and r.get("n") == spec["n"] and r.get("start") == spec["start"]
+def _chunk_done(out_dir: Path, spec: dict, fp: str) -> bool:
+    return chunk_done(out_dir / spec["record"], fp, [out_dir / spec["star"], out_dir / spec["stack"]],
+                      n=spec["n"], start=spec["start"]) is not None
 
 
 # ---------------------------------------------------------------------------- driver

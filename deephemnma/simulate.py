@@ -90,7 +90,6 @@ thread, so the same seed gives the same bytes whatever the number of worker proc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -111,6 +110,7 @@ from .core.errors import ConfigError, InputError
 from .core.fileio import atomic_write_json
 from .core.imageops import circular_mask
 from .core.logs import get_logger, progress
+from .core.resume import chunk_done, fingerprint, write_record
 
 log = get_logger(__name__)
 
@@ -176,14 +176,8 @@ class SimReference:
         return self.coords[None] + np.einsum("bm,mnj->bnj", q, self.vectors)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.coords, self.centre, self.vectors, self.mode_numbers):
-            h.update(np.ascontiguousarray(a).tobytes())
-        h.update("\0".join(self.elements.tolist()).encode())
-        for a in (self.weights, self.sigma):
-            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
-        h.update(self.kind.encode())
-        return h.hexdigest()
+        return fingerprint(self.kind, self.elements.tolist(), length=64,
+                           arrays=[self.coords, self.centre, self.vectors, self.mode_numbers, self.weights, self.sigma])
 
     @classmethod
     def from_modes(cls, modes, source=None) -> "SimReference":
@@ -295,10 +289,7 @@ class Settings:
         d = self.as_dict()
         for k in ("workers", "n_particles", "write_clean", "write_projections"):
             d.pop(k)  # these do not change any chunk's bytes (n only adds chunks; extra stacks are checked)
-        h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
-        h.update(reference.fingerprint().encode())
-        h.update(str(FORMAT_VERSION).encode())
-        return h.hexdigest()[:32]
+        return fingerprint(d, reference.fingerprint(), FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------------------- chunks
@@ -660,24 +651,14 @@ def _render_chunk(task: dict) -> dict:
             w.__exit__(None, None, None)
     finally:
         torch.set_num_threads(prev)
-    record = {"chunk": c, "start": start, "stop": stop, "n": stop - start, "fingerprint": task["fingerprint"],
-              "stacks": {k: files[k] for k in kinds}, **sums, "seconds": time.perf_counter() - t0}
-    atomic_write_json(out_dir / files["record"], record)
-    return record
+    return write_record(out_dir / files["record"], task["fingerprint"], chunk=c, start=start, stop=stop,
+                        n=stop - start, stacks={k: files[k] for k in kinds}, **sums, seconds=time.perf_counter() - t0)
 
 
-def _chunk_done(out_dir: Path, chunk: int, start: int, stop: int, fingerprint: str, kinds: Sequence[str]) -> dict | None:
+def _chunk_done(out_dir: Path, chunk: int, start: int, stop: int, fp: str, kinds: Sequence[str]) -> dict | None:
     files = chunk_files(chunk)
-    rec_path = out_dir / files["record"]
-    if not rec_path.is_file():
-        return None
-    try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if rec.get("fingerprint") != fingerprint or rec.get("start") != start or rec.get("stop") != stop:
-        return None
-    if any(k not in rec.get("stacks", {}) or not (out_dir / files[k]).is_file() for k in kinds):
+    rec = chunk_done(out_dir / files["record"], fp, [out_dir / files[k] for k in kinds], start=start, stop=stop)
+    if rec is not None and any(k not in rec.get("stacks", {}) for k in kinds):
         return None
     return rec
 

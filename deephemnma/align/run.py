@@ -34,9 +34,6 @@ batches are done, then the progress directory is removed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -48,8 +45,8 @@ from .. import __version__
 from ..core import star as S
 from ..core.ctf import CTFParams
 from ..core.errors import ConfigError, InputError
-from ..core.fileio import atomic_path, atomic_write_json
 from ..core.logs import get_logger, progress
+from ..core.resume import BatchProgress, fingerprint
 from .core import AlignSettings, Aligner, BatchResult
 from .levels import CTF_FLIPPED, CTF_NONE, CTF_PREMULTIPLIED, CTF_RAW
 from .model import ElasticModel, load_model
@@ -99,18 +96,12 @@ def ctf_setup(star: S.StarData, table: pd.DataFrame, mode: str) -> tuple[CTFPara
 
 def _fingerprint(settings: AlignSettings, model: ElasticModel, table: pd.DataFrame, params, modes, px, box,
                  threads: int, seed: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"settings": settings.as_dict(), "version": __version__, "format": FORMAT_VERSION,
-                         "threads": int(threads), "seed": int(seed), "box": int(box)}, sort_keys=True,
-                        default=str).encode())
-    for a in (model.coords, model.weights, model.sigma, model.vectors, model.mode_numbers, np.asarray(px, float)):
-        h.update(np.ascontiguousarray(a).tobytes())
-    h.update("\n".join(table[S.IMAGE_NAME].astype(str).tolist()).encode() if S.IMAGE_NAME in table.columns else b"")
-    if params is not None:
-        for v in params.to_columns().values():
-            h.update(np.ascontiguousarray(v).tobytes())
-    h.update("\n".join(map(str, modes)).encode())
-    return h.hexdigest()[:32]
+    """Everything that determines a batch's results (resume.fingerprint)."""
+    names = table[S.IMAGE_NAME].astype(str).tolist() if S.IMAGE_NAME in table.columns else []
+    return fingerprint({"settings": settings.as_dict(), "version": __version__, "format": FORMAT_VERSION,
+                        "threads": int(threads), "seed": int(seed), "box": int(box)}, names, [str(m) for m in modes],
+                       arrays=[model.coords, model.weights, model.sigma, model.vectors, model.mode_numbers,
+                               np.asarray(px, float), *(params.to_columns().values() if params is not None else [])])
 
 
 def _is_nan_error(exc: InputError) -> bool:
@@ -198,8 +189,8 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
     fp = _fingerprint(settings, model, table, params, modes, px, box, threads, seed)
     bs = max(1, int(settings.batch_size))
     batches = [(a, min(n, a + bs)) for a in range(0, n, bs)]
-    pdir = progress_dir(out)
-    done = _load_progress(pdir, fp, len(batches))
+    progress_files = BatchProgress(progress_dir(out), fp, len(batches), FORMAT_VERSION)
+    done = progress_files.load()
     if done:
         log.info("resuming %s: %d of %d batches already done", out, len(done), len(batches))
     aligners: dict[float, Aligner] = {}
@@ -225,7 +216,7 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
         for sel, r in parts:
             for k, v in r.items():
                 rec[k][sel] = v
-        _save_batch(pdir, fp, b, rec, len(batches))
+        progress_files.save(b, rec)
         done[b] = rec
         new += 1
         bar.update(len(idx))
@@ -233,7 +224,7 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
     result = _assemble(star, model, done, batches)
     # written atomically; relative image paths rebased to resolve from the output's directory
     S.write_star(out, result, star.optics, source=star.path, data_dir=data_dir)
-    shutil.rmtree(pdir, ignore_errors=True)
+    progress_files.clear()
     flags = result[S.FLAG].to_numpy() if n else np.zeros(0, dtype=np.int64)
     summary = {
         "particles": n, "batches": len(batches), "resumed_batches": len(batches) - new,
@@ -271,40 +262,3 @@ def _assemble(star: S.StarData, model: ElasticModel, done: dict, batches: list) 
     for c, v in cols.items():
         p[c] = np.asarray(v).reshape(n)
     return p
-
-
-# ------------------------------------------------------------------------- progress files
-def _load_progress(pdir: Path, fp: str, n_batches: int) -> dict:
-    state = pdir / "state.json"
-    if not state.is_file():
-        return {}
-    try:
-        st = json.loads(state.read_text())
-    except (OSError, ValueError):
-        st = {}
-    if st.get("fingerprint") != fp or st.get("batches") != n_batches:
-        log.info("%s: progress from different inputs or settings: starting over", pdir)
-        shutil.rmtree(pdir, ignore_errors=True)
-        return {}
-    done = {}
-    for b in range(n_batches):
-        f = pdir / f"batch_{b:06d}.npz"
-        if f.is_file():
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    if str(z["fingerprint"]) != fp:
-                        continue
-                    done[b] = {k: z[k] for k in z.files if k != "fingerprint"}
-            except (OSError, ValueError, KeyError):
-                continue
-    return done
-
-
-def _save_batch(pdir: Path, fp: str, b: int, rec: dict, n_batches: int) -> None:
-    pdir.mkdir(parents=True, exist_ok=True)
-    state = pdir / "state.json"
-    if not state.is_file():
-        atomic_write_json(state, {"fingerprint": fp, "batches": n_batches, "format_version": FORMAT_VERSION})
-    with atomic_path(pdir / f"batch_{b:06d}.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, fingerprint=np.asarray(fp), **rec)

@@ -53,26 +53,12 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import ConfigError
+from ..core.device import pick_device
 from ..core.logs import get_logger
 
 log = get_logger(__name__)
 
 ENGINES = ("auto", "single", "ddp", "horovod")
-
-
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("network.device is 'cuda' but torch sees no CUDA device")
-        n = torch.cuda.device_count()
-        dev = torch.device("cuda", local_rank % max(n, 1))
-        torch.cuda.set_device(dev)
-        return dev
-    if device != "cpu":
-        raise ConfigError(f"network.device must be auto, cpu or cuda, got {device!r}")
-    return torch.device("cpu")
 
 
 def _share_cpu_threads(local_size: int) -> None:
@@ -95,7 +81,7 @@ class Engine:
         self.world_size = 1
         self.local_rank = 0
         self.local_size = 1
-        self.device = _pick_device(device, 0)
+        self.device = pick_device(device, 0, "network.device")
 
     @property
     def is_main(self) -> bool:
@@ -169,7 +155,7 @@ class DDPEngine(Engine):
         self.world_size = int(env["WORLD_SIZE"])
         self.local_rank = int(env.get("LOCAL_RANK", self.rank))
         self.local_size = int(env.get("LOCAL_WORLD_SIZE", self.world_size))
-        self.device = _pick_device(device, self.local_rank)
+        self.device = pick_device(device, self.local_rank, "network.device")
         if backend is None:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         if not dist.is_initialized():
@@ -289,7 +275,7 @@ class HorovodEngine(Engine):
         if self.world_size == 1 and ntasks > 1:
             raise ConfigError(f"engine horovod: srun started {ntasks} tasks but Horovod sees one rank; "
                               "use horovodrun, or an MPI build of Horovod with srun --mpi=pmix")
-        self.device = _pick_device(device, self.local_rank)
+        self.device = pick_device(device, self.local_rank, "network.device")
         if self.device.type == "cpu":
             _share_cpu_threads(self.local_size)
 

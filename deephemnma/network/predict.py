@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from ..core.errors import InputError
+from ..core.device import pick_device
 from ..core.logs import get_logger, progress
 from .checkpoint import build_from_checkpoint, load_checkpoint
 from .data import BatchDataset, StepSampler, make_loader
@@ -48,14 +49,6 @@ def input_column_name(col: str) -> str:
         if col.startswith(prefix):
             return "dhnmaInput" + col[len(prefix):]
     return "dhnmaInput" + col
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(None, "--device cuda requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def default_predict_workers(device: torch.device) -> int:
@@ -149,7 +142,7 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
     from .data import load_particles
 
     state = load_checkpoint(checkpoint)
-    dev = pick_device(device)
+    dev = pick_device(device, setting="--device")
     model, codec = build_from_checkpoint(state, dev)
     ps = load_particles(particles, data_dir, labels=False)
     check_compatible(state, ps.box, ps.pixel_size, particles)

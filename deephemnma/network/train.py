@@ -52,6 +52,7 @@ from .. import __version__
 from ..core.errors import ConfigError, InputError
 from ..core.fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..core.logs import get_logger
+from ..core.resume import fingerprint
 from ..core.settings import schema_settings
 from ..core.star import ORIGINAL_PIXEL_SIZE
 from .checkpoint import inference_state, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -249,19 +250,11 @@ def _check_resume(ck: dict, model_cfg: ModelConfig, codec: TargetCodec, data_inf
                     "run the checkpoint started", gb_new, gb_old)
 
 
-def _fingerprint(*groups) -> str:
-    """SHA-256 of the bytes of the training (and validation) STAR files: labels, image names
-    and order in one value, so ``resume="auto"`` notices any change of the data."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for g in groups:
-        for p in ([] if g is None else [g] if isinstance(g, (str, Path)) else list(g)):
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            h.update(b"\0")
-    return h.hexdigest()
+def _data_fingerprint(*groups) -> str:
+    """Fingerprint of the bytes of the training (and validation) STAR files: labels, image
+    names and order in one value, so ``resume="auto"`` notices any change of the data."""
+    files = [p for g in groups for p in ([] if g is None else [g] if isinstance(g, (str, Path)) else list(g))]
+    return fingerprint(files=files, length=64)
 
 
 # Settings that do not change what training computes (a resume may differ in them).
@@ -404,7 +397,7 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
                  "original_pixel_size": float(original_pixel_size or train_set.pixel_size),
                  "normalize": s.normalize, "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
                  "sources": [str(p) for p in train_set.sources],
-                 "fingerprint": _fingerprint(particles, val_particles)}
+                 "fingerprint": _data_fingerprint(particles, val_particles)}
     log.info("training on %d particles, validating on %d; %d² images at %.4g Å/px; modes %s",
              data_info["n_train"], data_info["n_val"], train_set.box, train_set.pixel_size, codec.modes)
 
