@@ -112,6 +112,132 @@ class PseudoatomFit:
         return len(self.coords)
 
 
+class _Region:
+    """The voxels a fit works on: the map cropped to the thresholded core plus a margin, the
+    mask (core dilated by 2σ), and Gaussian stencils of radius 3σ around pseudoatoms."""
+
+    def __init__(self, d: np.ndarray, core: np.ndarray, sig: float):
+        from scipy import ndimage
+
+        self.sig = sig
+        R = int(math.ceil(3.0 * sig))
+        dil = int(math.ceil(2.0 * sig))
+        # crop to the mask's bounding box plus the stencil margin (large maps, small molecules)
+        nz = np.argwhere(core)
+        self.lo = np.maximum(nz.min(0) - dil - R - 1, 0)
+        hi = np.minimum(nz.max(0) + dil + R + 2, d.shape)
+        crop = tuple(slice(a, b) for a, b in zip(self.lo, hi))
+        self.sub, self.core = d[crop], core[crop]
+        self.mask = ndimage.binary_dilation(self.core, iterations=dil) if dil > 0 else self.core
+        self.shape = np.array(self.sub.shape)
+        self.vid = np.full(self.sub.shape, -1, dtype=np.int64)
+        self.vid[self.mask] = np.arange(int(self.mask.sum()))
+        self.y = self.sub[self.mask]
+        self.nv = len(self.y)
+        self.off = np.stack(np.meshgrid(*[np.arange(-R, R + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        self.chunk = max(1, MAX_WORK // len(self.off))
+
+    def stencil(self, pos):
+        c = np.rint(pos).astype(np.int64)
+        v = c[:, None, :] + self.off[None]
+        inside = np.all((v >= 0) & (v < self.shape), axis=-1)
+        vc = np.clip(v, 0, self.shape - 1)
+        row = np.where(inside, self.vid[vc[..., 0], vc[..., 1], vc[..., 2]], -1)
+        dv = v - pos[:, None, :]
+        g = np.exp(-(dv ** 2).sum(-1) / (2.0 * self.sig * self.sig))
+        g[row < 0] = 0.0
+        return np.maximum(row, 0), g, dv
+
+    def model(self, pos, amp):
+        out = np.zeros(self.nv)
+        for s in range(0, len(pos), self.chunk):
+            row, g, _ = self.stencil(pos[s:s + self.chunk])
+            out += np.bincount(row.ravel(), (amp[s:s + self.chunk, None] * g).ravel(), minlength=self.nv)
+        return out
+
+    def gradient(self, pos, amp, r):
+        G = np.empty((len(pos), 4))
+        for s in range(0, len(pos), self.chunk):
+            row, g, dv = self.stencil(pos[s:s + self.chunk])
+            rg = r[row] * g
+            G[s:s + self.chunk, 3] = rg.sum(1)
+            G[s:s + self.chunk, :3] = amp[s:s + self.chunk, None] * (rg[..., None] * dv).sum(1) / (self.sig * self.sig)
+        return G
+
+    def residual_peaks(self, resid):
+        """Local maxima of the positive residual (map − model) inside the core, highest first."""
+        from scipy import ndimage
+
+        rvol = np.zeros(self.sub.shape)
+        rvol[self.mask] = -resid
+        peaks = np.argwhere((rvol == ndimage.maximum_filter(rvol, size=3)) & (rvol > 0) & self.core)
+        pv = rvol[tuple(peaks.T)]
+        order = np.argsort(-pv, kind="stable")
+        return peaks[order], pv[order]
+
+
+class _Adam:
+    """Adam on (x, y, z, amplitude) per pseudoatom, amplitudes kept ≥ 0; grows with the atoms."""
+
+    def __init__(self, ymax: float):
+        self.m1, self.m2 = np.zeros((0, 4)), np.zeros((0, 4))
+        self.lr = np.array([0.05, 0.05, 0.05, 0.05 * ymax])
+        self.b1, self.b2, self.step = 0.9, 0.999, 0
+
+    def grow(self, n: int) -> None:
+        self.m1 = np.vstack([self.m1, np.zeros((n, 4))])
+        self.m2 = np.vstack([self.m2, np.zeros((n, 4))])
+
+    def keep(self, sel) -> None:
+        self.m1, self.m2 = self.m1[sel], self.m2[sel]
+
+    def run(self, region: _Region, pos, amp, iterations: int):
+        for _ in range(iterations):
+            G = region.gradient(pos, amp, region.model(pos, amp) - region.y)
+            self.step += 1
+            self.m1 = self.b1 * self.m1 + (1 - self.b1) * G
+            self.m2 = self.b2 * self.m2 + (1 - self.b2) * G * G
+            upd = self.lr * (self.m1 / (1 - self.b1 ** self.step)) / (np.sqrt(self.m2 / (1 - self.b2 ** self.step)) + 1e-30)
+            pos -= upd[:, :3]
+            amp = np.maximum(amp - upd[:, 3], 0.0)
+        return pos, amp
+
+
+def _grow_and_fit(region: _Region, target_error: float, max_atoms: int, iterations: int, ny: float):
+    """Add pseudoatoms at the residual's peaks and refine them all, round after round, until
+    the relative error reaches the target, stalls, or the atoms run out."""
+    pos, amp = np.zeros((0, 3)), np.zeros(0)
+    adam = _Adam(float(region.y.max()))
+    resid = -region.y.copy()  # model − map
+    err, history, stalled, stop_reason = 1.0, [], 0, "max_atoms"
+    while True:
+        peaks, pv = region.residual_peaks(resid)
+        n_add = min(max(len(pos) // 4, 100), max_atoms - len(pos), len(peaks))
+        if n_add <= 0:
+            stop_reason = "max_atoms" if len(pos) >= max_atoms else "no residual left"
+            break
+        pos = np.vstack([pos, peaks[:n_add].astype(np.float64)])
+        amp = np.concatenate([amp, 0.5 * pv[:n_add]])
+        adam.grow(n_add)
+        pos, amp = adam.run(region, pos, amp, iterations)
+        alive = amp > 1e-9 * max(float(amp.max()), 1e-300)
+        pos, amp = pos[alive], amp[alive]
+        adam.keep(alive)
+        resid = region.model(pos, amp) - region.y
+        new_err = float(np.linalg.norm(resid)) / ny
+        history.append((len(pos), new_err))
+        log.debug("pseudoatoms: %d, relative error %.4f", len(pos), new_err)
+        stalled = stalled + 1 if new_err > 0.995 * err else 0
+        err = new_err
+        if err <= target_error:
+            stop_reason = "target reached"
+            break
+        if stalled >= 2:
+            stop_reason = "error stalled"
+            break
+    return pos, amp, err, history, stop_reason
+
+
 def fit_pseudoatoms(vol: MapVolume, threshold: float | None = None, threshold_std: float = 1.0,
                     sigma: float | None = None, resolution: float | None = None,
                     target_error: float = 0.05, max_atoms: int = 20000, iterations: int = 60,
@@ -131,103 +257,11 @@ def fit_pseudoatoms(vol: MapVolume, threshold: float | None = None, threshold_st
     sig = sig_A / vol.voxel                       # in voxels
     if sig <= 0:
         raise ValueError("sigma must be positive")
-    R = int(math.ceil(3.0 * sig))
-    from scipy import ndimage
-
-    dil = int(math.ceil(2.0 * sig))
-    # crop to the mask's bounding box plus the stencil margin (large maps, small molecules)
-    nz = np.argwhere(core)
-    lo = np.maximum(nz.min(0) - dil - R - 1, 0)
-    hi = np.minimum(nz.max(0) + dil + R + 2, d.shape)
-    sub = d[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    core_s = core[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    mask = ndimage.binary_dilation(core_s, iterations=dil) if dil > 0 else core_s
-    shape = np.array(sub.shape)
-    vid = np.full(sub.shape, -1, dtype=np.int64)
-    vid[mask] = np.arange(int(mask.sum()))
-    y = sub[mask]
-    nv = len(y)
-    ny = float(np.linalg.norm(y))
+    region = _Region(d, core, sig)
+    ny = float(np.linalg.norm(region.y))
     if ny == 0:
         raise InputError(where, "the map is zero inside the thresholded region")
-    off = np.stack(np.meshgrid(*[np.arange(-R, R + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    chunk = max(1, MAX_WORK // len(off))
-
-    def stencil(pos):
-        c = np.rint(pos).astype(np.int64)
-        v = c[:, None, :] + off[None]
-        inside = np.all((v >= 0) & (v < shape), axis=-1)
-        vc = np.clip(v, 0, shape - 1)
-        row = np.where(inside, vid[vc[..., 0], vc[..., 1], vc[..., 2]], -1)
-        dv = v - pos[:, None, :]
-        g = np.exp(-(dv ** 2).sum(-1) / (2.0 * sig * sig))
-        g[row < 0] = 0.0
-        return np.maximum(row, 0), g, dv
-
-    def model_of(pos, amp):
-        out = np.zeros(nv)
-        for s in range(0, len(pos), chunk):
-            row, g, _ = stencil(pos[s:s + chunk])
-            out += np.bincount(row.ravel(), (amp[s:s + chunk, None] * g).ravel(), minlength=nv)
-        return out
-
-    def gradient(pos, amp, r):
-        G = np.empty((len(pos), 4))
-        for s in range(0, len(pos), chunk):
-            row, g, dv = stencil(pos[s:s + chunk])
-            rg = r[row] * g
-            G[s:s + chunk, 3] = rg.sum(1)
-            G[s:s + chunk, :3] = amp[s:s + chunk, None] * (rg[..., None] * dv).sum(1) / (sig * sig)
-        return G
-
-    pos = np.zeros((0, 3))
-    amp = np.zeros(0)
-    m1 = np.zeros((0, 4))
-    m2 = np.zeros((0, 4))
-    lr = np.array([0.05, 0.05, 0.05, 0.05 * float(y.max())])
-    b1, b2, step = 0.9, 0.999, 0
-    resid = -y.copy()                              # model − map
-    err = 1.0
-    history: list[tuple[int, float]] = []
-    stalled = 0
-    stop_reason = "max_atoms"
-    while True:
-        rvol = np.zeros(sub.shape)
-        rvol[mask] = -resid
-        peaks = np.argwhere((rvol == ndimage.maximum_filter(rvol, size=3)) & (rvol > 0) & core_s)
-        pv = rvol[tuple(peaks.T)]
-        order = np.argsort(-pv, kind="stable")
-        n_add = min(max(len(pos) // 4, 100), max_atoms - len(pos), len(order))
-        if n_add <= 0:
-            stop_reason = "max_atoms" if len(pos) >= max_atoms else "no residual left"
-            break
-        pos = np.vstack([pos, peaks[order[:n_add]].astype(np.float64)])
-        amp = np.concatenate([amp, 0.5 * pv[order[:n_add]]])
-        m1 = np.vstack([m1, np.zeros((n_add, 4))])
-        m2 = np.vstack([m2, np.zeros((n_add, 4))])
-        for _ in range(iterations):
-            r = model_of(pos, amp) - y
-            G = gradient(pos, amp, r)
-            step += 1
-            m1 = b1 * m1 + (1 - b1) * G
-            m2 = b2 * m2 + (1 - b2) * G * G
-            upd = lr * (m1 / (1 - b1 ** step)) / (np.sqrt(m2 / (1 - b2 ** step)) + 1e-30)
-            pos -= upd[:, :3]
-            amp = np.maximum(amp - upd[:, 3], 0.0)
-        alive = amp > 1e-9 * max(float(amp.max()), 1e-300)
-        pos, amp, m1, m2 = pos[alive], amp[alive], m1[alive], m2[alive]
-        resid = model_of(pos, amp) - y
-        new_err = float(np.linalg.norm(resid)) / ny
-        history.append((len(pos), new_err))
-        log.debug("pseudoatoms: %d, relative error %.4f", len(pos), new_err)
-        stalled = stalled + 1 if new_err > 0.995 * err else 0
-        err = new_err
-        if err <= target_error:
-            stop_reason = "target reached"
-            break
-        if stalled >= 2:
-            stop_reason = "error stalled"
-            break
+    pos, amp, err, history, stop_reason = _grow_and_fit(region, target_error, max_atoms, iterations, ny)
     if len(pos) < min_atoms:
         raise InputError(where, f"only {len(pos)} pseudoatom(s) fitted above threshold {thr:.6g}; "
                                 f"at least {min_atoms} needed (lower the threshold or sigma)")
@@ -238,21 +272,12 @@ def fit_pseudoatoms(vol: MapVolume, threshold: float | None = None, threshold_st
         log.warning("%s: pseudoatom fit stopped at relative error %.4f > target %.4f with %d pseudoatoms "
                     "(%s); %s", where, err, target_error, len(pos), stop_reason, hint)
     # voxel indices (z, y, x) in the crop → Å (x, y, z)
-    idx = pos + lo
-    coords = vol.origin + vol.voxel * idx[:, ::-1]
+    coords = vol.origin + vol.voxel * (pos + region.lo)[:, ::-1]
     weights = amp * (2.0 * math.pi) ** 1.5 * sig_A ** 3
     info = {
-        "threshold": thr,
-        "threshold_voxels": n_core,
-        "mask_voxels": nv,
-        "sigma_A": sig_A,
-        "resolution_A": res,
-        "voxel_A": vol.voxel,
-        "map_shape_zyx": list(d.shape),
-        "relative_error": err,
-        "target_error": target_error,
-        "n_pseudoatoms": int(len(pos)),
-        "stop_reason": stop_reason,
+        "threshold": thr, "threshold_voxels": n_core, "mask_voxels": region.nv, "sigma_A": sig_A,
+        "resolution_A": res, "voxel_A": vol.voxel, "map_shape_zyx": list(d.shape), "relative_error": err,
+        "target_error": target_error, "n_pseudoatoms": int(len(pos)), "stop_reason": stop_reason,
         "rounds": [[int(k), float(e)] for k, e in history],
         "volume_per_pseudoatom_A3": n_core * vol.voxel ** 3 / max(len(pos), 1),
     }
