@@ -236,3 +236,78 @@ def evaluate_group_maps(groups: dict[int, np.ndarray], maps: dict[int, tuple[np.
     out = pd.DataFrame(rows)
     out.attrs["curves"] = curves
     return out
+
+
+# ------------------------------------------------------------------------------ stage driver
+def evaluate_particles(particles, truth_path, modes_path, outdir) -> tuple[dict, dict]:
+    """Per-particle errors of a STAR file against the ground truth: errors.csv and figures in
+    ``outdir``; returns (summary, context for :func:`evaluate_group_maps_dir`)."""
+    from .core import plots
+    from .core.fileio import atomic_path, require_file
+    from .core.modes import load_modes, mode_stack
+    from .core.star import amplitude_column, amplitude_modes, read_star
+
+    outdir = Path(outdir)
+    star = read_star(require_file(particles, "particle STAR file"))
+    truth_all = load_ground_truth(truth_path)
+    pred, truth = align_tables(star.particles, truth_all, star.path, truth_path)
+    modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
+    ms = ref = V = None
+    if modes_path:
+        ms = load_modes(require_file(modes_path, "modes file"))
+        ref, mode_dict = ms.coords, {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
+        V = mode_stack(mode_dict, [amplitude_column(m) for m in modes]) if modes else None
+    errors = parameter_errors(pred, truth, modes, ref, V)
+    summary = summarise_errors(errors)
+    with atomic_path(outdir / "errors.csv") as tmp:
+        errors.to_csv(tmp, index=False, float_format="%.6g")
+    if modes:
+        cols = [amplitude_column(m) for m in modes]
+        plots.predicted_vs_true(outdir / "amplitudes_vs_true.png", pred[cols].to_numpy(), truth[cols].to_numpy(), cols)
+        plots.amplitude_histograms(outdir / "amplitude_histograms.png", pred[cols].to_numpy(), cols,
+                                   truth=truth[cols].to_numpy())
+    err_cols = {c: errors[c] for c in ("angle_err", "shift_err", "rmsd_amp") if c in errors.columns}
+    if err_cols:
+        plots.error_histograms(outdir / "errors.png", err_cols)
+    return summary, {"truth": truth_all, "modes": modes, "ref": ref, "V": V, "mode_set": ms}
+
+
+def evaluate_group_maps_dir(groups_dir, maps_dir, ctx: dict, outdir, atom_sigma: float, truth_path=None) -> dict:
+    """Each group's map (``maps_dir/group_NN/map.mrc``) against the map of its true centroid
+    structure: group_fsc.csv and group_fsc.png in ``outdir``; returns the summary entries."""
+    import json
+
+    from .core import plots
+    from .core.fileio import atomic_path, require_file
+    from .core.mrc import read_volume
+    from .core.star import amplitude_column, read_star
+
+    if ctx["ref"] is None or not ctx["modes"]:
+        raise InputError(groups_dir, "group map FSC needs --modes and amplitude columns in the ground truth")
+    gdoc = json.loads(require_file(Path(groups_dir) / "groups.json", "groups.json").read_text())
+    cols = [amplitude_column(m) for m in ctx["modes"]]
+    centroids, maps = {}, {}
+    for g, info in gdoc["groups"].items():
+        g = int(g)
+        members = read_star(Path(groups_dir) / info["file"]).particles
+        _, t = align_tables(members, ctx["truth"], Path(groups_dir) / info["file"], truth_path)
+        centroids[g] = t[cols].to_numpy(np.float64).mean(axis=0)
+        mpath = Path(maps_dir) / f"group_{g:02d}" / "map.mrc"
+        if mpath.is_file():
+            v = read_volume(mpath)
+            maps[g] = (v.data, float(v.voxel_size))
+    weights = ctx["mode_set"].weights  # per-atom density weights of the reference the modes belong to
+    table = evaluate_group_maps(centroids, maps, ctx["ref"], ctx["V"], weights, atom_sigma)
+    with atomic_path(Path(outdir) / "group_fsc.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    out: dict = {}
+    curves = table.attrs["curves"]
+    if curves:
+        plots.fsc_curves(Path(outdir) / "group_fsc.png", {f"group {g}": (c.frequency, c.fsc) for g, c in curves.items()},
+                         title="group maps vs maps of their true centroid structures")
+        out["group_maps"] = {"n": len(table), "mean_resolution_fsc05": float(table["resolution_fsc05"].mean()),
+                             "mean_resolution_fsc0143": float(table["resolution_fsc0143"].mean())}
+    missing = sorted(set(centroids) - set(maps))
+    if missing:
+        out.setdefault("group_maps", {})["missing_maps"] = missing
+    return out
