@@ -8,7 +8,11 @@ from snakemake.utils import min_version
 min_version("9.19")
 
 
-configfile: f"{workflow.basedir}/config/config.yaml"  # the embedded default; --configfile adds to it
+# A run is defined by the user's --configfile / --config and the schema's defaults alone; the
+# embedded demo (config/config.yaml) applies only when no configuration is given at all.
+if not config:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -10,7 +10,10 @@ ORDER = 1
 HELP = "validate a configuration file and print the effective configuration"
 DESCRIPTION = (
     "Validate a configuration against workflow/schemas/config.schema.yaml and print the\n"
-    "effective configuration (defaults filled in). Unknown keys and wrong types are errors."
+    "effective configuration: exactly what `snakemake --configfile FILE` runs (the schema's\n"
+    "defaults filled in, workflow.train_engine auto resolved on this machine; the demo's\n"
+    "config/config.yaml applies only when no configuration is given). Unknown keys and wrong\n"
+    "types are errors."
 )
 EXAMPLES = [
     "deephemnma config --config config/config.yaml",
@@ -24,10 +27,10 @@ def add_arguments(p) -> None:
 
 
 def run(args, config: dict) -> int:
-    from ..core.config import load_schema
+    from ..core.config import load_schema, resolve_for_workflow
     from ..core.fileio import atomic_write_text
 
-    obj = load_schema() if args.schema else config
+    obj = load_schema() if args.schema else resolve_for_workflow(config)
     text = yaml.safe_dump(obj, sort_keys=False)
     if args.out:
         atomic_write_text(args.out, text)

@@ -103,3 +103,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raw = apply_overrides(raw, overrides)
         source += " (with --set)"
     return validate_config(raw, source)
+
+
+def resolve_for_workflow(config: dict) -> dict:
+    """The configuration as the workflow runs it: validated config with the values that depend
+    on this machine resolved (``workflow.train_engine: auto``). The workflow and
+    ``deephemnma config`` both show and use this."""
+    from .runtime import training_engine
+
+    cfg = copy.deepcopy(config)
+    wf = cfg["workflow"]
+    wf["train_engine"] = training_engine(wf["train_engine"], wf["train_ranks"])
+    return cfg

@@ -28,3 +28,19 @@ def set_threads(n: int | None) -> int:
 
         torch.set_num_threads(n)
     return n
+
+
+def training_engine(engine: str, ranks: int) -> str:
+    """The workflow's training engine: ``auto`` is ``single`` for one rank, else Horovod where
+    ``horovod.torch`` is installed and torch DDP otherwise (no import of torch here)."""
+    if engine != "auto":
+        return engine
+    if int(ranks) <= 1:
+        return "single"
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("horovod.torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "horovod" if found else "ddp"

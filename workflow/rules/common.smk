@@ -8,6 +8,9 @@ import yaml
 from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+from deephemnma.core.config import resolve_for_workflow  # noqa: E402
+
+config.update(resolve_for_workflow(config))  # e.g. workflow.train_engine auto → horovod / ddp / single
 
 from deephemnma import preprocess as _pp  # noqa: E402  (the package is installed in the environment)
 from deephemnma.commands import stages as _stages  # noqa: E402
