@@ -53,18 +53,20 @@ def axis_frames(model, axis: int, ref_coords, mode_vectors, Y=None, n_frames: in
 
 
 def write_axis_animations(outdir, atoms, modes: dict[int, np.ndarray], model, Y=None, n_frames: int = 21,
-                          quantile: float = 0.02, bounce: bool = True, axes=None) -> list[Path]:
-    """One multi-model PDB per landscape axis (``axis_01.pdb`` …) and ``chimerax.cxc``."""
+                          quantile: float = 0.02, bounce: bool = True, axes=None, source=None) -> list[Path]:
+    """One multi-model PDB per landscape axis (``axis_01.pdb`` …) and ``chimerax.cxc``.
+    ``source`` (the modes file) is named when atoms and modes disagree."""
     from .core.structure import write_multimodel_pdb
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     V = mode_stack(modes, model.columns)
     if V.shape[1] != len(atoms.coords):
         from .core.errors import InputError
 
-        raise InputError(getattr(atoms, "source", None), f"the reference has {len(atoms.coords)} atoms but the modes "
-                         f"{V.shape[1]}: use the atom selection the modes were computed with")
+        raise InputError(source if source is not None else getattr(atoms, "source", None),
+                         f"the reference has {len(atoms.coords)} atoms but the modes {V.shape[1]}: "
+                         f"use the atom selection the modes were computed with")
+    outdir.mkdir(parents=True, exist_ok=True)
     paths = []
     lines = ["# ChimeraX: open this file (File > Open) to play the landscape axes"]
     for a in axes or range(1, model.n_components + 1):
@@ -78,6 +80,40 @@ def write_axis_animations(outdir, atoms, modes: dict[int, np.ndarray], model, Y=
         lines += [f"open {p.name} coordsets true", f"coordset #{len(paths)} 1,{len(coords)} loop 10"]
     atomic_write_text(outdir / "chimerax.cxc", "\n".join(lines) + "\n")
     return paths
+
+
+def read_centroids(path, columns: list[str]) -> dict[int, np.ndarray]:
+    """Group → mean amplitudes over ``columns`` from a ``groups.csv`` of deephemnma groups
+    (columns ``group`` and ``<column>_mean``); group 0 (no group) is left out. InputError
+    naming the file (and the 1-based data row) when the table is not one."""
+    import pandas as pd
+
+    from .core.errors import InputError
+    from .core.features import column_matrix
+    from .core.fileio import require_file
+
+    p = require_file(path, "groups table")
+    try:
+        table = pd.read_csv(p)
+    except UnicodeDecodeError:
+        raise InputError(p, "not a CSV table (binary content)") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(p, "empty file: expected the groups.csv of deephemnma groups") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise InputError(p, f"not a readable CSV table ({str(exc).splitlines()[0][:80]})") from None
+    cols = ["group"] + [f"{c}_mean" for c in columns]
+    missing = [c for c in cols if c not in table.columns]
+    if missing:
+        raise InputError(p, f"missing column(s) {', '.join(missing)} (expected the groups.csv of deephemnma groups)")
+    X, _ = column_matrix(table.rename(columns=lambda c: str(c)), cols, p, what="groups table value")
+    out = {}
+    for i, row in enumerate(X):
+        g = int(row[0])
+        if g != row[0] or g < 0:
+            raise InputError(p, f"group {row[0]:g} is not a non-negative integer", row=i + 1)
+        if g > 0:
+            out[g] = row[1:]
+    return out
 
 
 def centroid_structures(outdir, atoms, modes: dict[int, np.ndarray], columns: list[str], centroids: dict[int, np.ndarray]

@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     log_file = args.log or os.environ.get("DEEPHEMNMA_LOG") or None  # the env var passes launchers (horovodrun)
     if log_file is None and hasattr(mod, "default_log"):
         log_file = mod.default_log(args)
-    setup_logging(log_file, verbose=args.verbose, quiet=args.quiet)
     t0 = time.monotonic()
     injected = _injected_failure(argv)
     if injected:
         print(f"error: {injected}", file=sys.stderr)
         return 3
     try:
+        setup_logging(log_file, verbose=args.verbose, quiet=args.quiet)
+        _check_output_places(args)
         from .core.config import load_config
 
         config = load_config(args.config, args.overrides)
@@ -112,6 +113,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     log.debug("%s finished in %.1f s", mod.NAME, time.monotonic() - t0)
     return int(rc or 0)
+
+
+#: options that name outputs: their directories must be creatable before any work is done
+OUTPUT_OPTIONS = {"out": "file", "outdir": "dir", "summary": "file", "dropped": "file", "plots": "dir"}
+
+
+def _check_output_places(args) -> None:
+    """Fail before any work (one line, exit 2) when an output cannot be written where asked,
+    e.g. a folder under a regular file."""
+    from .core.errors import InputError
+
+    for name, kind in OUTPUT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if not isinstance(value, (str, Path)) or not value:
+            continue
+        folder = Path(value) if kind == "dir" else Path(value).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = "" if folder == Path(value) else f" {folder}"
+            raise InputError(value, f"cannot create the output directory{where} ({exc.strerror or exc.__class__.__name__})") from None
 
 
 def _injected_failure(argv) -> str | None:

@@ -54,7 +54,23 @@ def load_ground_truth(path) -> pd.DataFrame:
     if df[IMAGE_NAME].duplicated().any():
         i = int(np.flatnonzero(df[IMAGE_NAME].duplicated().to_numpy())[0])
         raise InputError(path, f"duplicate particle {df[IMAGE_NAME].iloc[i]}", row=i + 1)
+    _require_finite(df, truth_columns(df), path, "ground-truth value")
     return df
+
+
+def truth_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of ``df`` that the metrics read: amplitudes, angles, origins."""
+    from .core.star import amplitude_columns
+
+    return amplitude_columns(df) + [c for c in ANGLES + ORIGINS if c in df.columns]
+
+
+def _require_finite(df: pd.DataFrame, cols: list[str], path, what: str) -> None:
+    """InputError naming ``path`` and the 1-based row of the first non-numeric or non-finite value."""
+    from .core.features import column_matrix
+
+    if cols:
+        column_matrix(df, cols, path, what=what)
 
 
 def _particle_keys(names: pd.Series) -> pd.Index:
@@ -249,14 +265,30 @@ def evaluate_particles(particles, truth_path, modes_path, outdir) -> tuple[dict,
 
     outdir = Path(outdir)
     star = read_star(require_file(particles, "particle STAR file"))
+    if len(star.particles) == 0:
+        raise InputError(star.path, "no particles to evaluate")
     truth_all = load_ground_truth(truth_path)
     pred, truth = align_tables(star.particles, truth_all, star.path, truth_path)
     modes = [m for m in amplitude_modes(pred) if amplitude_column(m) in truth.columns]
+    used = [amplitude_column(m) for m in modes] + [c for c in ANGLES + ORIGINS if c in pred and c in truth]
+    if not used:
+        raise InputError(star.path, f"nothing to compare with {truth_path}: no amplitude (dhnmaAmplitudeNNN), angle "
+                                    f"(rlnAngleRot/Tilt/Psi) or origin (rlnOriginX/YAngst) columns in both")
+    _require_finite(pred, used, star.path, "value")
     ms = ref = V = None
     if modes_path:
         ms = load_modes(require_file(modes_path, "modes file"))
+        have = {int(n) for n in ms.mode_numbers}
+        lacking = [m for m in modes if m not in have]
+        if lacking:
+            raise InputError(modes_path, f"lacks mode(s) {', '.join(map(str, lacking))} of the amplitudes in "
+                                         f"{star.path} (it has {', '.join(str(n) for n in sorted(have))})")
+        if ms.modes.ndim != 3 or ms.modes.shape[1] != len(ms.coords):
+            raise InputError(modes_path, f"inconsistent normal-mode file: {len(ms.coords)} atoms but mode vectors "
+                                         f"of shape {tuple(ms.modes.shape)}")
         ref, mode_dict = ms.coords, {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
         V = mode_stack(mode_dict, [amplitude_column(m) for m in modes]) if modes else None
+    outdir.mkdir(parents=True, exist_ok=True)
     errors = parameter_errors(pred, truth, modes, ref, V)
     summary = summarise_errors(errors)
     with atomic_path(outdir / "errors.csv") as tmp:
@@ -272,11 +304,29 @@ def evaluate_particles(particles, truth_path, modes_path, outdir) -> tuple[dict,
     return summary, {"truth": truth_all, "modes": modes, "ref": ref, "V": V, "mode_set": ms}
 
 
+def read_groups_doc(groups_dir) -> dict:
+    """``groups.json`` of a deephemnma groups directory (InputError naming it when it is not one)."""
+    import json
+
+    from .core.fileio import require_file
+
+    p = require_file(Path(groups_dir) / "groups.json", "groups.json")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(p, f"not a JSON file ({getattr(exc, 'msg', 'binary content')})") from None
+    groups = doc.get("groups") if isinstance(doc, dict) else None
+    if not isinstance(groups, dict) or not all(str(g).isdigit() and isinstance(v, dict) and "file" in v
+                                               for g, v in groups.items()):
+        raise InputError(p, "not the groups.json of deephemnma groups (no 'groups' with a file per group)")
+    for info in groups.values():
+        require_file(Path(groups_dir) / str(info["file"]), f"group STAR file (listed in {p})")
+    return doc
+
+
 def evaluate_group_maps_dir(groups_dir, maps_dir, ctx: dict, outdir, atom_sigma: float, truth_path=None) -> dict:
     """Each group's map (``maps_dir/group_NN/map.mrc``) against the map of its true centroid
     structure: group_fsc.csv and group_fsc.png in ``outdir``; returns the summary entries."""
-    import json
-
     from .core import plots
     from .core.fileio import atomic_path, require_file
     from .core.mrc import read_volume
@@ -284,12 +334,12 @@ def evaluate_group_maps_dir(groups_dir, maps_dir, ctx: dict, outdir, atom_sigma:
 
     if ctx["ref"] is None or not ctx["modes"]:
         raise InputError(groups_dir, "group map FSC needs --modes and amplitude columns in the ground truth")
-    gdoc = json.loads(require_file(Path(groups_dir) / "groups.json", "groups.json").read_text())
+    gdoc = read_groups_doc(groups_dir)
     cols = [amplitude_column(m) for m in ctx["modes"]]
     centroids, maps = {}, {}
     for g, info in gdoc["groups"].items():
         g = int(g)
-        members = read_star(Path(groups_dir) / info["file"]).particles
+        members = read_star(require_file(Path(groups_dir) / info["file"], "group STAR file")).particles
         _, t = align_tables(members, ctx["truth"], Path(groups_dir) / info["file"], truth_path)
         centroids[g] = t[cols].to_numpy(np.float64).mean(axis=0)
         mpath = Path(maps_dir) / f"group_{g:02d}" / "map.mrc"

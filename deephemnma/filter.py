@@ -88,6 +88,9 @@ def filter_table(df: pd.DataFrame, threshold: float = 3.2, method: str = "classi
     """Split ``df`` into (kept, dropped). Both get ``dhnmaMahalanobis``; dropped rows get the
     outlier bit (2) set in ``dhnmaFlag``. Row order is kept."""
     X, cols = amplitude_matrix(df, modes, source)
+    if len(X) <= X.shape[1]:
+        raise InputError(source, f"the Mahalanobis filter needs more particles than modes to estimate a covariance: "
+                                 f"{len(X)} particle(s), {X.shape[1]} mode(s)")
     filt = MahalanobisFilter.fit(X, cols, threshold, method, seed)
     d = filt.distance(X)
     keep = d <= threshold

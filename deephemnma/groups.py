@@ -145,8 +145,8 @@ def assign_kmeans(Y: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.
 def assign_gmm(Y: np.ndarray, k: int, seed: int = 0, n_init: int = 2, min_probability: float = 0.0) -> np.ndarray:
     from sklearn.mixture import GaussianMixture
 
-    if len(Y) < k:
-        raise InputError(None, f"a {k}-component mixture needs at least {k} particles, got {len(Y)}")
+    if len(Y) < max(k, 2):
+        raise InputError(None, f"a {k}-component mixture needs at least {max(k, 2)} particles, got {len(Y)}")
     gm = GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, random_state=seed).fit(Y)
     post = gm.predict_proba(Y)
     labels = post.argmax(axis=1).astype(np.int64) + 1
@@ -248,17 +248,25 @@ def _by_density(Y, s: GroupSettings, seed: int):
 GROUPING = {"boxes": _by_boxes, "bins": _by_bins, "kmeans": _by_kmeans, "gmm": _by_gmm, "density": _by_density}
 
 
-def assign_groups(Y: np.ndarray, settings: GroupSettings, seed: int = 0) -> tuple[np.ndarray, dict]:
+def assign_groups(Y: np.ndarray, settings: GroupSettings, seed: int = 0, source=None) -> tuple[np.ndarray, dict]:
     """Labels (0 = no group) for landscape coordinates ``Y`` (n, k); also returns
-    method-specific details (edges, peaks)."""
+    method-specific details (edges, peaks). ``source`` (the landscape STAR file) is named in
+    errors about the particles (none, non-finite coordinates, too few for the method)."""
     if settings.method not in GROUPING:
         raise ConfigError(f"unknown grouping method {settings.method!r} ({', '.join(GROUPING)})")
     Y = np.asarray(Y, np.float64)
+    if Y.ndim != 2 or len(Y) == 0:
+        raise InputError(source, "no particles to group")
     bad = ~np.isfinite(Y).all(axis=1)
     if bad.any():
-        raise InputError(None, f"{int(bad.sum())} particle(s) have non-finite landscape coordinates "
-                               f"(first: row {int(np.flatnonzero(bad)[0]) + 1})")
-    labels, details = GROUPING[settings.method](Y, settings, seed)
+        raise InputError(source, f"non-finite landscape coordinates ({int(bad.sum())} particle(s); first shown)",
+                         row=int(np.flatnonzero(bad)[0]) + 1)
+    try:
+        labels, details = GROUPING[settings.method](Y, settings, seed)
+    except InputError as exc:
+        if exc.path is not None or source is None:
+            raise
+        raise InputError(source, exc.message, exc.row) from None
     return labels.astype(np.int64), {"method": settings.method, **details}
 
 

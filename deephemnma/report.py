@@ -242,7 +242,7 @@ def build_report(results, out, sections_spec: list[tuple[str, str]], title: str 
             if p.suffix.lower() in IMAGE_SUFFIXES:
                 sec.add(_img_tag(p.read_bytes(), IMAGE_SUFFIXES[p.suffix.lower()], p.name))
             elif p.suffix.lower() in (".yaml", ".yml") and p.stat().st_size < 200_000:
-                sec.add(f"<h3>{_esc(p.name)}</h3><pre>{_esc(p.read_text())}</pre>")
+                sec.add(f"<h3>{_esc(p.name)}</h3><pre>{_esc(p.read_text(errors='replace'))}</pre>")
         if sec.parts:
             sections.append(sec)
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -36,38 +36,46 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    import numpy as np
-    import pandas as pd
-
-    from ..core.star import pc_columns, read_star
-
-    from ..animate import centroid_structures, write_axis_animations
+    from ..animate import centroid_structures, read_centroids, write_axis_animations
     from ..core.errors import InputError
+    from ..core.features import column_matrix
     from ..core.fileio import require_file
-    from ..landscape import load_model
     from ..core.modes import load_modes
+    from ..core.star import amplitude_modes, pc_columns, read_star
+    from ..landscape import load_model
 
+    # every input is read and checked before anything is written
     model = load_model(args.model)
     if not model.INVERTIBLE:
         raise InputError(args.model, f"animations need a landscape model that maps back to amplitudes (PCA); "
                                      f"{model.NAME} has no inverse map")
+    numbers = amplitude_modes(model.columns)
+    if len(numbers) != len(model.columns):
+        other = [c for c in model.columns if not str(c).startswith("dhnmaAmplitude")]
+        raise InputError(args.model, f"animations need a model fitted on normal-mode amplitudes; this one uses "
+                                     f"{', '.join(other)}")
     ms = load_modes(require_file(args.modes, "modes file"))
+    missing = [m for m in numbers if m not in set(int(n) for n in ms.mode_numbers)]
+    if missing:
+        raise InputError(args.modes, f"lacks mode(s) {', '.join(map(str, missing))} used by the landscape model "
+                                     f"{args.model} (it has {', '.join(str(int(n)) for n in ms.mode_numbers)})")
     atoms = ms.atoms()  # atoms or pseudoatoms, in the frame the modes were computed in
     modes = {int(n): v for n, v in zip(ms.mode_numbers, ms.modes)}
     Y = None
     if args.particles:
         star = read_star(require_file(args.particles, "landscape STAR file"))
-        cols = pc_columns(star.particles)[: model.n_components]
-        Y = star.particles[cols].to_numpy(np.float64)
+        cols = pc_columns(star.particles)
+        if len(cols) < model.n_components:
+            raise InputError(star.path, f"{len(cols)} landscape coordinate column(s) (dhnmaPC1 ...) but the model "
+                                        f"{args.model} has {model.n_components}: run deephemnma landscape first")
+        if len(star.particles) == 0:
+            raise InputError(star.path, "no particles")
+        Y, _ = column_matrix(star.particles, cols[: model.n_components], star.path, what="landscape coordinate")
+    cents = read_centroids(args.groups, model.columns) if args.groups else None
     an = config["landscape"]["animation"]
-    paths = write_axis_animations(args.outdir, atoms, modes, model, Y, an["n_frames"], an["quantile"], an["bounce"])
-    if args.groups:
-        table = pd.read_csv(require_file(args.groups, "groups table"))
-        cols = [f"{c}_mean" for c in model.columns]
-        missing = [c for c in cols if c not in table.columns]
-        if missing:
-            raise InputError(args.groups, f"missing column(s) {', '.join(missing)}")
-        cents = {int(r["group"]): r[cols].to_numpy(np.float64) for _, r in table.iterrows() if int(r["group"]) > 0}
+    paths = write_axis_animations(args.outdir, atoms, modes, model, Y, an["n_frames"], an["quantile"], an["bounce"],
+                                  source=args.modes)
+    if cents is not None:
         paths += centroid_structures(args.outdir, atoms, modes, model.columns, cents)
     print(f"wrote {len(paths)} structure files to {args.outdir}")
     return 0

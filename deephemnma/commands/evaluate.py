@@ -40,11 +40,20 @@ def default_log(args) -> Path:
 
 
 def run(args, config: dict) -> int:
-    from ..core.fileio import atomic_write_json
-    from ..evaluate import evaluate_group_maps_dir, evaluate_particles
+    from ..core.errors import InputError
+    from ..core.fileio import atomic_write_json, require_file
+    from ..evaluate import evaluate_group_maps_dir, evaluate_particles, read_groups_doc
 
     outdir = Path(args.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    if bool(args.groups) != bool(args.maps):
+        raise InputError(args.groups or args.maps, "--groups and --maps go together (the group maps' FSC)")
+    if args.groups:  # checked before any output is written
+        if not args.modes:
+            raise InputError(args.groups, "group map FSC needs --modes (the reference and its normal modes)")
+        require_file(args.modes, "modes file")
+        read_groups_doc(args.groups)
+        if not Path(args.maps).is_dir():
+            raise InputError(args.maps, "maps directory not found")
     summary, ctx = evaluate_particles(args.particles, args.truth, args.modes, outdir)
     if args.groups and args.maps:
         summary.update(evaluate_group_maps_dir(args.groups, args.maps, ctx, outdir,

@@ -42,6 +42,7 @@ def run(args, config: dict) -> int:
     from ..core import plots
     from ..core.star import amplitude_columns, pc_columns, read_star
     from ..core.errors import InputError
+    from ..core.features import column_matrix
     from ..core.fileio import require_file
     from ..groups import GroupSettings, assign_groups, export_groups, summarise_groups
 
@@ -51,8 +52,8 @@ def run(args, config: dict) -> int:
     cols = pc_columns(star.particles)
     if not cols:
         raise InputError(star.path, "no landscape coordinates (dhnmaPC1 ...): run deephemnma landscape first")
-    Y = star.particles[cols].to_numpy(np.float64)
-    labels, details = assign_groups(Y, gs, config["seed"])
+    Y, _ = column_matrix(star.particles, cols, star.path, what="landscape coordinate")
+    labels, details = assign_groups(Y, gs, config["seed"], source=star.path)
     amp_cols = amplitude_columns(star.particles)
     summary = summarise_groups(labels, Y, star.particles[amp_cols].to_numpy(np.float64) if amp_cols else None, amp_cols)
     doc = export_groups(args.outdir, star.particles, star.optics, labels, summary, details, write_all=not args.no_all,

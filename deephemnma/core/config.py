@@ -68,7 +68,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. nma.cutoff=10")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
@@ -94,10 +97,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            with open(path) as fh:
+            with open(path, encoding="utf-8") as fh:
                 raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file (binary content)") from None
     overrides = list(overrides)
     if overrides:
         raw = apply_overrides(raw, overrides)

@@ -22,7 +22,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .errors import DeephemnmaError
+from .errors import InputError
 from .fileio import atomic_path
 from .logs import get_logger
 
@@ -50,21 +50,36 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _make_dir(path: Path, what: str) -> Path:
+    """``mkdir -p`` with an InputError naming the directory when it cannot be created."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(path, f"cannot create the {what} ({exc.strerror or exc.__class__.__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(path, f"the {what} is not writable")
+    return path
+
+
 def _download_sdist(dest: Path) -> Path:
     target = dest / SDIST
-    if target.is_file() and sha256(target) == SDIST_SHA256:
-        return target
-    dest.mkdir(parents=True, exist_ok=True)
+    if target.is_file():
+        if sha256(target) == SDIST_SHA256:
+            return target
+        log.info("%s: checksum mismatch (a damaged download?): downloading it again", target)
+        target.unlink()
+    _make_dir(dest, "download cache directory (DEEPHEMNMA_CACHE)")
     log.info("downloading MDAnalysisTests %s source distribution from PyPI (57 MB, once)", MDAT_VERSION)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"MDAnalysisTests=={MDAT_VERSION}", "-d", str(dest), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not target.is_file():
-        raise DeephemnmaError(f"could not download MDAnalysisTests {MDAT_VERSION} from PyPI: "
-                              f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(target, f"could not download MDAnalysisTests {MDAT_VERSION} from PyPI (no network? "
+                                 f"copy the file here by hand): {reason}")
     if sha256(target) != SDIST_SHA256:
         target.unlink()
-        raise DeephemnmaError(f"{SDIST}: checksum mismatch (expected {SDIST_SHA256})")
+        raise InputError(target, f"checksum mismatch of the download (expected {SDIST_SHA256}); removed, try again")
     return target
 
 
@@ -98,9 +113,9 @@ def fetch_adenylate_kinase(out_dir: str | Path) -> dict[str, Path]:
     outputs = {"open": out_dir / OUTPUT_NAMES["adk_open.pdb"], "closed": out_dir / OUTPUT_NAMES["adk_closed.pdb"]}
     if all(p.is_file() for p in outputs.values()):
         return outputs
+    _make_dir(out_dir, "output directory")  # before the download: fail fast
     sdist = _download_sdist(cache_dir())
-    extracted = cache_dir() / f"mdanalysistests-{MDAT_VERSION}-adk"
-    extracted.mkdir(parents=True, exist_ok=True)
+    extracted = _make_dir(cache_dir() / f"mdanalysistests-{MDAT_VERSION}-adk", "download cache directory")
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
             name = Path(member.name).name
@@ -112,10 +127,9 @@ def fetch_adenylate_kinase(out_dir: str | Path) -> dict[str, Path]:
     for name, digest in MEMBERS.items():
         path = extracted / name
         if not path.is_file():
-            raise DeephemnmaError(f"{SDIST}: {name} not found in the archive")
+            raise InputError(sdist, f"{name} not found in the archive")
         if sha256(path) != digest:
-            raise DeephemnmaError(f"{path}: checksum mismatch (expected {digest})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+            raise InputError(path, f"checksum mismatch (expected {digest}); delete it to extract it again")
     for name, key in (("adk_open.pdb", "open"), ("adk_closed.pdb", "closed")):
         n = normalise_charmm_pdb(extracted / name, outputs[key])
         log.info("wrote %s (%d atoms)", outputs[key], n)

@@ -58,9 +58,14 @@ def column_matrix(df: pd.DataFrame, cols: list[str], source=None, what: str = "f
     if missing:
         raise InputError(source, f"missing {what} column(s) {', '.join(missing)}")
     X = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(X).all(axis=1)
+    bad = ~np.isfinite(X)
     if bad.any():
-        raise InputError(source, f"non-finite {what}", row=int(np.flatnonzero(bad)[0]) + 1)
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
+        j = int(np.flatnonzero(bad[i])[0])
+        raw = df[cols[j]].iloc[i]
+        if isinstance(raw, str) and pd.isna(pd.to_numeric(raw, errors="coerce")):
+            raise InputError(source, f"{what} _{cols[j]} = {raw[:40]!r} is not a number", row=i + 1)
+        raise InputError(source, f"non-finite {what} (_{cols[j]} = {raw})", row=i + 1)
     return X, list(cols)
 
 

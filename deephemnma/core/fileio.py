@@ -13,12 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
 
 def temp_path_for(path: str | os.PathLike) -> Path:
     """A unique temporary path in the same directory (same file system) as ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(path, f"cannot write here ({exc.strerror or exc.__class__.__name__})") from None
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     os.close(fd)
     return Path(tmp)

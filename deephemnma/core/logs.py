@@ -37,8 +37,13 @@ def setup_logging(log_file: str | Path | None = None, verbose: int = 0, quiet: b
     root.addHandler(console)
     if log_file is not None:
         log_file = Path(log_file)
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, mode="a")
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file, mode="a")
+        except OSError as exc:
+            from .errors import InputError
+
+            raise InputError(log_file, f"cannot write the log file ({exc.strerror or exc.__class__.__name__})") from None
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(fh)

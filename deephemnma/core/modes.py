@@ -162,6 +162,10 @@ def load_modes(path: str | os.PathLike) -> ModeSet:
     if version > FORMAT_VERSION:
         raise InputError(p, f"written by a newer deephemnma (format {version} > {FORMAT_VERSION})")
     kw = {k: data[k] for k in (*_ARRAY_FIELDS, *_STR_FIELDS)}
+    n = len(kw["coords"])
+    for name in ("modes", "computed_modes"):
+        if kw[name].ndim != 3 or kw[name].shape[1:] != (n, 3):
+            raise InputError(p, f"{name} have shape {tuple(kw[name].shape)}, not (M, {n}, 3) for the {n} atoms")
     return ModeSet(**kw, kind=str(data["kind"]), settings=json.loads(str(data["settings_json"])))
 
 

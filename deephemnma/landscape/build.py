@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
 from ..core.features import column_matrix, feature_matrix
 from ..core.logs import get_logger
 from ..core.settings import schema_settings
@@ -110,14 +110,15 @@ def build_landscape(particles: pd.DataFrame, optics: pd.DataFrame | None, settin
                                                   (hemnma[0], hemnma[1], SOURCE_HEMNMA)], source)
     X, cols = feature_matrix(particles, settings.features, settings.modes, source)
     method = get_method(settings.method)
+    compare = settings.spectral["compare"] and method.NAME != "spectral"
     _check_size(method.NAME, len(X), settings, source)
+    if compare:  # checked before anything is fitted
+        _check_size("spectral", len(X), settings, source)
     model, Y = method.fit_features(X, cols, settings, seed)
     out = add_coordinates(particles, Y, "pc")
     spectral = None
-    if settings.spectral["compare"] and method.NAME != "spectral":
-        spectral_cls = get_method("spectral")
-        _check_size("spectral", len(X), settings, source)
-        spectral, Ys = spectral_cls.fit_features(X, cols, settings, seed)
+    if compare:
+        spectral, Ys = get_method("spectral").fit_features(X, cols, settings, seed)
         out = add_coordinates(out, Ys, "spectral")
     return out, optics, model, spectral
 
@@ -130,6 +131,9 @@ def apply_model(particles: pd.DataFrame, model, source=None) -> pd.DataFrame:
 
 def _check_size(method: str, n: int, settings: LandscapeSettings, source) -> None:
     need = 2 if method != "spectral" else max(int(settings.spectral["n_neighbors"]), settings.n_components + 1) + 1
+    if method == "spectral" and int(settings.spectral["max_fit"]) < need:
+        raise ConfigError(f"landscape.spectral.max_fit = {settings.spectral['max_fit']} is below the {need} particles "
+                          f"the embedding needs (n_neighbors + 1)")
     if n < need:
         raise InputError(source, f"the {method} landscape needs at least {need} particles, got {n}")
 

@@ -50,8 +50,16 @@ def load_model(path):
         raise InputError(path, "landscape model not found")
     try:
         d = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise InputError(path, "not a JSON landscape model (binary content)") from None
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not a JSON landscape model ({exc.msg})") from None
     if not isinstance(d, dict) or d.get("method") not in METHODS:
         raise InputError(path, f"unknown landscape model method {d.get('method') if isinstance(d, dict) else None!r}")
-    return METHODS[d["method"]].from_saved(d, path)
+    try:
+        return METHODS[d["method"]].from_saved(d, path)
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{exc.__class__.__name__}: {exc}"
+        raise InputError(path, f"not a valid {d['method']} landscape model ({what})") from None

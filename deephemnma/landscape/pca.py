@@ -88,10 +88,21 @@ class PCAModel(LandscapeMethod):
 
     @classmethod
     def from_dict(cls, d: dict) -> "PCAModel":
-        return cls(list(d["columns"]), np.asarray(d["mean"], float), np.asarray(d["scale"], float),
-                   np.asarray(d["components"], float).reshape(-1, len(d["columns"])),
-                   np.asarray(d["explained_variance"], float), np.asarray(d["explained_variance_ratio"], float),
-                   bool(d.get("standardise", False)), int(d.get("n_samples", 0)))
+        """The model of :meth:`to_dict`; ValueError when the arrays' sizes do not agree."""
+        columns = [str(c) for c in d["columns"]]
+        M = len(columns)
+        mean, scale = np.asarray(d["mean"], float), np.asarray(d["scale"], float)
+        comps = np.asarray(d["components"], float)
+        var, ratio = np.asarray(d["explained_variance"], float), np.asarray(d["explained_variance_ratio"], float)
+        if M == 0 or mean.shape != (M,) or scale.shape != (M,) or comps.size == 0 or comps.size % M:
+            raise ValueError(f"{M} columns but mean {mean.shape}, scale {scale.shape}, components {comps.shape}")
+        comps = comps.reshape(-1, M)
+        if var.shape != (len(comps),) or ratio.shape != (len(comps),):
+            raise ValueError(f"{len(comps)} components but {var.size} explained variances")
+        if not all(np.isfinite(a).all() for a in (mean, scale, comps, var)):
+            raise ValueError("non-finite values")
+        return cls(columns, mean, scale, comps, var, ratio, bool(d.get("standardise", False)),
+                   int(d.get("n_samples", 0)))
 
     def save(self, path) -> Path:
         atomic_write_json(path, self.to_dict())

@@ -121,7 +121,16 @@ class SpectralModel(LandscapeMethod):
 
     @classmethod
     def from_saved(cls, d: dict, path: Path) -> "SpectralModel":
-        arrays = np.load(Path(path).parent / d["arrays"])
+        from ..core.errors import InputError
+
+        npz = Path(path).parent / str(d["arrays"])
+        try:
+            arrays = np.load(npz, allow_pickle=False)
+            arrays = {k: arrays[k] for k in ("train", "embedding")}
+        except FileNotFoundError:
+            raise InputError(npz, f"arrays of the spectral landscape model {path} not found") from None
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+            raise InputError(npz, f"not the arrays of a spectral landscape model ({exc.__class__.__name__})") from None
         return cls(list(d["columns"]), np.asarray(d["mean"]), np.asarray(d["scale"]), int(d["n_neighbors"]),
                    d["kernel"], float(d["sigma"]), np.asarray(d["eigenvalues"]), arrays["train"],
                    arrays["embedding"], bool(d.get("standardise", False)))
