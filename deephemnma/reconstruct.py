@@ -29,6 +29,7 @@ voxel (D/2, D/2, D/2), as in RELION.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .core.fileio import atomic_path, atomic_write_json
 from .core.geometry import euler_to_matrix
 from .core.logs import get_logger, progress
 from .core.device import pick_device
+from .core.runtime import one_torch_thread
 from .core.settings import schema_settings
 from .core.projection import FourierAccumulator
 
@@ -119,6 +121,7 @@ class Reconstruction:
         if self.mask is not None:
             unm = self.curve.extra["fsc_unmasked"]
             out["resolution_unmasked_fsc0143"] = fscmod.resolution_at(self.curve.frequency, unm, 0.143)
+            out["resolution_unmasked_fsc05"] = fscmod.resolution_at(self.curve.frequency, unm, 0.5)
         out.update(self.info)
         return out
 
@@ -175,19 +178,82 @@ def half_set_labels(df: pd.DataFrame, mode: str, seed: int, source=None) -> np.n
     return lab
 
 
-def make_mask(settings: ReconstructSettings, average: np.ndarray, voxel_size: float) -> np.ndarray | None:
+def make_mask(settings: ReconstructSettings, average: np.ndarray, voxel_size: float,
+              envelope: np.ndarray | None = None) -> tuple[np.ndarray | None, dict]:
+    """The FSC mask and what was checked: ``auto`` masks are sanity-checked (volume fraction,
+    the map's centre of mass and, with an ``envelope`` (the reference's density on the map's
+    grid), the reference's density inside) and replaced by a soft sphere with a warning when
+    they fail — a mask drawn around noise measures the FSC of noise."""
     box = average.shape[0]
     if settings.mask == "none":
-        return None
+        return None, {"kind": "none"}
+    radius = settings.mask_radius if settings.mask_radius is not None else _sphere_radius(envelope, box, voxel_size)
+    sphere = fscmod.spherical_mask(box, radius / voxel_size, settings.mask_edge / voxel_size)
     if settings.mask == "sphere":
-        radius = settings.mask_radius if settings.mask_radius is not None else 0.4 * box * voxel_size
-        return fscmod.spherical_mask(box, radius / voxel_size, settings.mask_edge / voxel_size)
-    if settings.mask == "auto":
-        m = fscmod.auto_mask(average, voxel_size, threshold=settings.mask_threshold, edge=settings.mask_edge)
-        if settings.mask_radius is not None:  # never beyond the given sphere
-            m = m * fscmod.spherical_mask(box, settings.mask_radius / voxel_size, settings.mask_edge / voxel_size)
-        return m
-    raise ValueError(f"unknown mask mode {settings.mask!r}")
+        return sphere, {"kind": "sphere", "radius_A": radius}
+    if settings.mask != "auto":
+        raise ValueError(f"unknown mask mode {settings.mask!r}")
+    m = fscmod.auto_mask(average, voxel_size, threshold=settings.mask_threshold, edge=settings.mask_edge)
+    if settings.mask_radius is not None:  # never beyond the given sphere
+        m = m * sphere
+    check = mask_check(m, average, envelope)
+    if check["problems"]:
+        log.warning("automatic mask rejected (%s): a soft sphere of radius %.1f Å is used instead",
+                    "; ".join(check["problems"]), radius)
+        return sphere, {"kind": "sphere (automatic mask rejected)", "radius_A": radius, "auto_mask": check}
+    return m, {"kind": "auto", **check}
+
+
+def _sphere_radius(envelope: np.ndarray | None, box: int, voxel_size: float) -> float:
+    """Radius (Å) of a sphere holding the reference (its density above 1 % of the maximum,
+    plus 10 %), else 0.4 × the box."""
+    if envelope is not None and envelope.max() > 0:
+        g = np.indices(envelope.shape) - box // 2
+        r = np.sqrt((g ** 2).sum(0))[envelope > 0.01 * envelope.max()]
+        return float(min(1.1 * r.max() + 2, 0.5 * box - 1) * voxel_size)
+    return 0.4 * box * voxel_size
+
+
+def mask_check(mask: np.ndarray, average: np.ndarray, envelope: np.ndarray | None = None,
+               max_fraction: float = 0.5, min_envelope: float = 0.9) -> dict:
+    """Volume fraction of a mask, whether it holds the centre of mass of the map's positive
+    density, and (with the reference's ``envelope``) the fraction of the reference's density
+    inside it; ``problems`` lists what fails."""
+    inside = mask > 0.5
+    frac = float(inside.mean())
+    pos = np.clip(average, 0, None)
+    com = np.rint(np.array([(np.indices(pos.shape)[k] * pos).sum() for k in range(3)]) / max(pos.sum(), 1e-30))
+    com = np.clip(com.astype(int), 0, np.array(mask.shape) - 1)
+    out = {"volume_fraction": round(frac, 4), "holds_centre_of_mass": bool(inside[tuple(com)]), "problems": []}
+    if frac > max_fraction:
+        out["problems"].append(f"it covers {100 * frac:.0f} % of the box")
+    if not out["holds_centre_of_mass"]:
+        out["problems"].append("the map's centre of mass is outside it")
+    if envelope is not None and envelope.sum() > 0:
+        env = float((envelope * inside).sum() / envelope.sum())
+        out["reference_density_inside"] = round(env, 4)
+        if env < min_envelope:
+            out["problems"].append(f"only {100 * env:.0f} % of the reference's density is inside it")
+    return out
+
+
+def map_sign(volume: np.ndarray, envelope: np.ndarray | None, source=None) -> dict:
+    """Is the map positive where the molecule is? With the reference's ``envelope``: the
+    correlation of the map with it; else the mean of the map in the central sphere (radius a
+    quarter of the box) against the rest. A negative map means an inverted contrast."""
+    if envelope is not None and envelope.std() > 0:
+        c = float(np.corrcoef(volume.ravel(), envelope.ravel())[0, 1])
+        out = {"correlation_with_reference": round(c, 4), "positive": c > 0}
+    else:
+        box = volume.shape[0]
+        g = np.indices(volume.shape) - box // 2
+        centre = (g ** 2).sum(0) <= (box / 4) ** 2
+        diff = float(volume[centre].mean() - volume[~centre].mean())
+        out = {"centre_minus_outside": diff, "positive": diff > 0}
+    if not out["positive"]:
+        log.warning("%s: the map is negative where the molecule is (%s): the contrast polarity is probably "
+                    "inverted (data.invert_contrast)", source or "map", {k: v for k, v in out.items() if k != "positive"})
+    return out
 
 
 def fsc_regularisation(acc: FourierAccumulator, curve: fscmod.FSCCurve) -> np.ndarray:
@@ -205,19 +271,28 @@ def fsc_regularisation(acc: FourierAccumulator, curve: fscmod.FSCCurve) -> np.nd
 
 
 # ------------------------------------------------------------------------------ main
-def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: int = 0, data_dir=None,
-                     ignore_shifts: bool = False, indices=None, pixel_size: float | None = None,
-                     images: ParticleImages | None = None) -> Reconstruction:
-    """Reconstruct the particles of ``star`` (a StarData) with half maps and FSC.
+#: CTF state of an image: raw (CTF·F), phase flipped (|CTF|·F), CTF-premultiplied (CTF²·F)
+CTF_RAW, CTF_FLIPPED, CTF_PREMULTIPLIED = 0, 1, 2
 
-    ``indices``: optional subset of rows. ``ignore_shifts``: treat all origins as 0 (for data
-    whose STAR lists shifts the images do not carry). ``pixel_size``: the pixel size (Å) of
-    the images read, overriding the optics table (e.g. when the table describes downscaled
-    copies of the stacks named in ``rlnImageName``); the optics' ``rlnImageSize`` is then not
-    checked. ``images``: read the particles from these images (one per STAR row) instead of
-    ``rlnImageName`` — e.g. :func:`deephemnma.preprocess.original_images` (give ``pixel_size``)."""
-    settings = settings or ReconstructSettings()
-    t0 = time.perf_counter()
+
+def ctf_states(df: pd.DataFrame, settings: ReconstructSettings) -> np.ndarray:
+    """Per particle: the CTF state of its image, from RELION's per-particle (or optics-group)
+    ``rlnCtfDataArePhaseFlipped`` and ``rlnCtfDataAreCtfPremultiplied``; ``reconstruct.ctf:
+    phase_flipped`` declares every image flipped."""
+    def flag(col):
+        if col not in df.columns:
+            return np.zeros(len(df), dtype=bool)
+        return pd.to_numeric(df[col], errors="coerce").fillna(0).to_numpy() != 0
+
+    state = np.where(flag("rlnCtfDataAreCtfPremultiplied"), CTF_PREMULTIPLIED,
+                     np.where(flag("rlnCtfDataArePhaseFlipped"), CTF_FLIPPED, CTF_RAW))
+    if settings.ctf == "phase_flipped":
+        state[state == CTF_RAW] = CTF_FLIPPED
+    return state.astype(np.int64)
+
+
+def _particles(star, settings, indices, images, data_dir, pixel_size, ignore_shifts, seed):
+    """The rows to reconstruct with their images, pixel size, poses and half-set labels."""
     source = star.path
     df = merged(star)
     if indices is not None:
@@ -248,11 +323,73 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
         raise InputError(source, "particles with different pixel sizes cannot be reconstructed together")
     R, origins = poses_from_table(df, px_all, source, ignore_shifts)
     labels = half_set_labels(df, settings.half_sets, seed, source)
+    return df, images, rows, box, pix, R, origins, labels
 
-    use_ctf = settings.ctf != "none"
-    premult = False
-    ctf_params = None
-    if use_ctf:
+
+def _accumulate(halves, images, rows, R, origins, labels, ctf_params, state, box, pix, settings, invert, device):
+    """Insert every particle into its half set's accumulator, one batch of images at a time."""
+    bs = max(1, int(settings.batch_size))
+    n = len(rows)
+    t_read = 0.0
+    for s in progress(range(0, n, bs), total=(n + bs - 1) // bs, desc="reconstruct", unit="batch"):
+        e = min(n, s + bs)
+        tr = time.perf_counter()
+        imgs = torch.from_numpy(images.read(rows[s:e])).to(device)
+        if invert:
+            imgs = -imgs
+        t_read += time.perf_counter() - tr
+        Rb = torch.as_tensor(R[s:e], dtype=torch.float32, device=device)
+        ob = torch.as_tensor(origins[s:e], dtype=torch.float64, device=device)
+        ctf = None
+        if ctf_params is not None:
+            from .core.ctf import compute_ctf
+
+            ctf = compute_ctf(ctf_params[s:e], box, pix, device=device)
+            flipped = torch.as_tensor(state[s:e] == CTF_FLIPPED, device=device)
+            ctf = torch.where(flipped[:, None, None], ctf.abs(), ctf)
+        premult = state[s:e] == CTF_PREMULTIPLIED
+        lab = torch.as_tensor(labels[s:e], device=device)
+        for h in (0, 1):
+            sel = (lab == h).nonzero().squeeze(1)
+            if sel.numel():
+                halves[h].insert(imgs[sel], Rb[sel], ob[sel], None if ctf is None else ctf[sel],
+                                 ctf_premultiplied=premult[sel.cpu().numpy()])
+    return t_read
+
+
+def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: int = 0, data_dir=None,
+                     ignore_shifts: bool = False, indices=None, pixel_size: float | None = None,
+                     images: ParticleImages | None = None, invert: bool = False, ctf_state=None,
+                     envelope: np.ndarray | None = None) -> Reconstruction:
+    """Reconstruct the particles of ``star`` (a StarData) with half maps and FSC.
+
+    ``indices``: optional subset of rows. ``ignore_shifts``: treat all origins as 0 (for data
+    whose STAR lists shifts the images do not carry). ``pixel_size``: the pixel size (Å) of
+    the images read, overriding the optics table (e.g. when the table describes downscaled
+    copies of the stacks named in ``rlnImageName``); the optics' ``rlnImageSize`` is then not
+    checked. ``images``: read the particles from these images (one per STAR row) instead of
+    ``rlnImageName`` — e.g. :func:`deephemnma.preprocess.original_images` (give ``pixel_size``).
+    ``invert``: negate the images (dark particles). ``ctf_state``: the CTF state of each row's
+    image (0 raw, 1 phase flipped, 2 premultiplied; default: from the STAR's flags).
+    ``envelope``: the reference's density on the map's grid, for the mask and sign checks.
+    On the CPU the computation runs on one thread: the maps are the same bytes whatever the
+    thread count."""
+    settings = settings or ReconstructSettings()
+    device = settings.torch_device()
+    with one_torch_thread() if device.type == "cpu" else contextlib.nullcontext():
+        return _reconstruct(star, settings, seed, data_dir, ignore_shifts, indices, pixel_size, images, invert,
+                            ctf_state, envelope, device)
+
+
+def _reconstruct(star, settings, seed, data_dir, ignore_shifts, indices, pixel_size, images, invert, ctf_state,
+                 envelope, device) -> Reconstruction:
+    t0 = time.perf_counter()
+    source = star.path
+    df, images, rows, box, pix, R, origins, labels = _particles(star, settings, indices, images, data_dir,
+                                                                pixel_size, ignore_shifts, seed)
+    n = len(df)
+    ctf_params, state = None, np.zeros(n, dtype=np.int64)
+    if settings.ctf != "none":
         from .core.ctf import CTFParams
 
         missing = [c for c in CTF_COLUMNS if c not in df.columns]
@@ -260,60 +397,41 @@ def reconstruct_star(star, settings: ReconstructSettings | None = None, seed: in
             raise InputError(source, f"missing CTF column(s) {', '.join('_' + c for c in missing)} "
                              "(set reconstruct.ctf: none for data without CTF)")
         ctf_params = CTFParams.from_table(df, source)
-        if "rlnCtfDataAreCtfPremultiplied" in df.columns:
-            premult = bool(np.any(df["rlnCtfDataAreCtfPremultiplied"].to_numpy() == 1))
-
-    device = settings.torch_device()
+        state = ctf_states(df, settings) if ctf_state is None else np.asarray(ctf_state, dtype=np.int64).reshape(-1)
     dtype = torch.float64 if settings.precision == "float64" else torch.float32
     halves = [FourierAccumulator(box, settings.oversample, device=device, dtype=dtype,
                                  interpolation=settings.interpolation) for _ in range(2)]
-    bs = max(1, int(settings.batch_size))
-    log.info("reconstructing %d particles (box %d, %.4g Å/px, CTF %s, %s interpolation ×%d) on %s",
-             n, box, pix, settings.ctf, settings.interpolation, settings.oversample, device)
-    t_read = 0.0
+    log.info("reconstructing %d particles (box %d, %.4g Å/px, CTF %s: %s; %s interpolation ×%d%s) on %s",
+             n, box, pix, settings.ctf, _state_counts(state), settings.interpolation, settings.oversample,
+             ", images negated" if invert else "", device)
     t_loop = time.perf_counter()
-    for s in progress(range(0, n, bs), total=(n + bs - 1) // bs, desc="reconstruct", unit="batch"):
-        e = min(n, s + bs)
-        tr = time.perf_counter()
-        imgs = torch.from_numpy(images.read(rows[s:e])).to(device)
-        t_read += time.perf_counter() - tr
-        Rb = torch.as_tensor(R[s:e], dtype=torch.float32, device=device)
-        ob = torch.as_tensor(origins[s:e], dtype=torch.float64, device=device)
-        ctf = None
-        if use_ctf:
-            from .core.ctf import compute_ctf
-
-            ctf = compute_ctf(ctf_params[s:e], box, pix, device=device)
-            if settings.ctf == "phase_flipped":
-                ctf = ctf.abs()
-        lab = torch.as_tensor(labels[s:e], device=device)
-        for h in (0, 1):
-            sel = (lab == h).nonzero().squeeze(1)
-            if sel.numel():
-                halves[h].insert(imgs[sel], Rb[sel], ob[sel], None if ctf is None else ctf[sel],
-                                 ctf_premultiplied=premult)
+    t_read = _accumulate(halves, images, rows, R, origins, labels, ctf_params, state, box, pix, settings, invert, device)
     t_loop = time.perf_counter() - t_loop
     n_half = (halves[0].count, halves[1].count)
-
     half_maps = [acc.reconstruct(settings.reg_fraction * acc.mean_weight()).cpu().numpy() for acc in halves]
     unmasked = fscmod.fsc(half_maps[0], half_maps[1], pix)
     average = 0.5 * (half_maps[0] + half_maps[1])
-    mask = make_mask(settings, average, pix)
+    mask, mask_info = make_mask(settings, average, pix, envelope)
     curve = unmasked if mask is None else fscmod.masked_fsc(half_maps[0], half_maps[1], mask, pix, seed)
-
     full = halves[0]
     full.merge(halves[1])  # the half maps are done: sum in place
     del halves
-    if settings.regularisation == "fsc":
-        reg = fsc_regularisation(full, unmasked)
-    else:
-        reg = settings.reg_fraction * full.mean_weight()
+    reg = fsc_regularisation(full, unmasked) if settings.regularisation == "fsc" else \
+        settings.reg_fraction * full.mean_weight()
     volume = full.reconstruct(reg).cpu().numpy()
     seconds = time.perf_counter() - t0
     rec = Reconstruction(map=volume, half1=half_maps[0], half2=half_maps[1], voxel_size=pix, curve=curve,
                          mask=mask, n_particles=n, n_half=n_half, settings=settings, seconds=seconds,
                          info={"read_seconds": round(t_read, 3), "insert_seconds": round(t_loop, 3),
-                               "finish_seconds": round(seconds - t_loop, 3), "device": str(device), "ignore_shifts": ignore_shifts})
+                               "finish_seconds": round(seconds - t_loop, 3), "device": str(device),
+                               "ignore_shifts": ignore_shifts, "images_negated": bool(invert),
+                               "ctf_states": _state_counts(state), "mask": mask_info,
+                               "sign": map_sign(volume, envelope, source)})
     log.info("reconstructed %d particles in %.1f s: FSC 0.143 at %.2f Å, 0.5 at %.2f Å%s", n, seconds,
              rec.resolution_0143, rec.resolution_05, " (masked, corrected)" if mask is not None else "")
     return rec
+
+
+def _state_counts(state: np.ndarray) -> dict:
+    names = {CTF_RAW: "raw", CTF_FLIPPED: "phase_flipped", CTF_PREMULTIPLIED: "premultiplied"}
+    return {names[int(k)]: int(v) for k, v in zip(*np.unique(state, return_counts=True))}

@@ -90,6 +90,7 @@ thread, so the same seed gives the same bytes whatever the number of worker proc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -110,6 +111,7 @@ from .core.errors import ConfigError, InputError
 from .core.fileio import atomic_write_json
 from .core.imageops import circular_mask
 from .core.logs import get_logger, progress
+from .core.runtime import one_torch_thread
 from .core.resume import chunk_done, fingerprint, write_record
 
 log = get_logger(__name__)
@@ -532,17 +534,13 @@ def calibrate_noise(reference: SimReference, settings: Settings, profiles: AtomP
     mask = snr_mask(settings, reference)
     k = max(1, int(settings.snr_calibration))
     params = sample_parameters(settings, reference, k, _rng(settings.seed, STREAM_CALIBRATION, 0))
-    prev = torch.get_num_threads()
     sig, c2 = [], []
-    try:
-        torch.set_num_threads(1)
+    with one_torch_thread():
         for a in range(0, k, settings.batch_size):
             p = params.iloc[a:a + settings.batch_size]
             imgs = render(reference, profiles, p, settings)
             sig.append(imgs["clean"][:, mask].to(torch.float64).var(-1, unbiased=False))
             c2.append(imgs["mean_ctf2"])
-    finally:
-        torch.set_num_threads(prev)
     S = float(torch.cat(sig).mean())
     mean_c2 = float(torch.cat(c2).mean())
     if S <= 0:
@@ -627,12 +625,9 @@ def _render_chunk(task: dict) -> dict:
     mask = snr_mask(settings, reference)
     sums = {"signal_variance": 0.0, "noise_variance": 0.0}
     t0 = time.perf_counter()
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    writers = {k: StackWriter(out_dir / files[k], stop - start, settings.box, settings.pixel_size) for k in kinds}
-    try:
-        for w in writers.values():
-            w.__enter__()
+    with one_torch_thread(), contextlib.ExitStack() as stack:
+        writers = {k: stack.enter_context(StackWriter(out_dir / files[k], stop - start, settings.box,
+                                                      settings.pixel_size)) for k in kinds}
         for a in range(0, stop - start, settings.batch_size):
             p = params.iloc[a:a + settings.batch_size]
             imgs = render(reference, profiles, p, settings, noise, rng if noise is not None else None)
@@ -642,15 +637,6 @@ def _render_chunk(task: dict) -> dict:
                 sums["noise_variance"] += float(d.var(-1, unbiased=False).sum())
             for k, w in writers.items():
                 w.append(imgs[k].numpy())
-    except BaseException as exc:
-        for w in writers.values():
-            w.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    else:
-        for w in writers.values():
-            w.__exit__(None, None, None)
-    finally:
-        torch.set_num_threads(prev)
     return write_record(out_dir / files["record"], task["fingerprint"], chunk=c, start=start, stop=stop,
                         n=stop - start, stacks={k: files[k] for k in kinds}, **sums, seconds=time.perf_counter() - t0)
 

@@ -19,7 +19,8 @@ from deephemnma.core.mrc import write_stack
 
 BOX, PX = 64, 1.3
 #: cheap settings for the tests of the command's mechanics (not of its accuracy)
-FAST = ["--set", "align.levels=[32]", "--set", "align.iterations=[15]", "--set", "align.candidates=[2]",
+FAST = ["--set", "data.invert_contrast=false",  # a few particles: too few to detect the polarity (auto)
+        "--set", "align.levels=[32]", "--set", "align.iterations=[15]", "--set", "align.candidates=[2]",
         "--set", "align.angular_step=25", "--set", "align.search_amplitude_points=1", "--set", "align.batch_size=2"]
 FAST_SETTINGS = AlignSettings(levels=[32], iterations=[15], candidates=[2], angular_step=25,
                               search_amplitude_points=1, batch_size=2)
@@ -182,8 +183,15 @@ def test_single_particle_and_junk_images(run_cli, model, modes_file, tmp_path):
     t = pd.concat([t, t.iloc[:2]], ignore_index=True)
     star, _ = write_dataset(tmp_path / "junk", all_imgs, t, PX)
     out = tmp_path / "junk.star"
-    proc = run_cli("align", "--particles", star, "--modes", modes_file, "--out", out, *FAST[:-2],
-                   "--set", "align.levels=[32,64]", "--set", "align.iterations=[15,10]", "--threads", "1")
+    args = ["align", "--particles", star, "--modes", modes_file, *FAST[:-2], "--set", "align.levels=[32,64]",
+            "--set", "align.iterations=[15,10]", "--threads", "1"]
+    # 3 of 5 unusable: more than align.max_flagged_fraction (0.5) stops the chunk loudly, nothing written
+    proc = run_cli(*args, "--out", out)
+    assert proc.returncode == 2 and not out.exists()
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "3 of 5 particles aligned as junk or unreadable" in line
+    assert "contrast polarity" in line and "pixel size" in line
+    proc = run_cli(*args, "--out", out, "--set", "align.max_flagged_fraction=1")
     assert proc.returncode == 0, proc.stderr
     p = S.read_star(out).particles
     flags = p[S.FLAG].to_numpy()

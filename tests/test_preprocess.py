@@ -195,7 +195,7 @@ def test_real_relion31_data(peer_dir, tmp_path, run_cli):
 
     out = tmp_path / "prep"
     r = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--outdir", out,
-                "--set", "preprocess.set1_size=3", "--set", "preprocess.chunk_size=2", "--set", "preprocess.invert_contrast=true")
+                "--set", "preprocess.set1_size=3", "--set", "preprocess.chunk_size=2", "--set", "data.invert_contrast=true")
     assert r.returncode == 0, r.stderr
     s1 = read_star(out / "set1.star")
     assert len(s1) == 3 and s1.optics["rlnImagePixelSize"].tolist() == [pytest.approx(5.612)]
@@ -214,3 +214,48 @@ def test_real_relion31_data(peer_dir, tmp_path, run_cli):
     bad = run_cli("preprocess", "--particles", peer_dir / "relion31.star", "--outdir", tmp_path / "bad",
                   "--set", "preprocess.box=512")
     assert bad.returncode == 2 and "smaller than preprocess.box" in bad.stderr
+
+
+@pytest.mark.peer
+def test_optics_groups_of_different_pixel_sizes_and_boxes(tmp_path, shared_data, run_cli):
+    """Three optics groups, the same particles imaged at 64² × 1.3 Å, 80² × 1.04 Å (the same
+    field of view) and 72² × 1.3 Å (a larger one), by an independent simulator, noise-free:
+    preprocessing brings all to one box and pixel size (the largest field of view over the
+    box), and each particle's images then agree."""
+    import pandas as pd
+    import starfile
+
+    import _independent_sim as isim
+    from deephemnma.core.star import read_star
+
+    a = isim.simulate(n=12, box=64, pixel_size=1.3, snr=float("inf"), seed=3, max_shift_px=0.0)
+    b = isim.simulate(n=12, box=80, pixel_size=1.04, snr=float("inf"), seed=3, max_shift_px=0.0)
+    c = isim.simulate(n=12, box=72, pixel_size=1.3, snr=float("inf"), seed=3, max_shift_px=0.0)
+    tables = []
+    for k, (sim_, name) in enumerate(((a, "a"), (b, "b"), (c, "c"))):
+        t = starfile.read(isim.write_relion(sim_, tmp_path / f"{name}.star", f"{name}.mrcs"), always_dict=True)
+        t["optics"]["rlnOpticsGroup"], t["optics"]["rlnOpticsGroupName"] = [k + 1], [f"opticsGroup{k + 1}"]
+        t["particles"]["rlnOpticsGroup"] = k + 1
+        tables.append(t)
+    starfile.write({"optics": pd.concat([t["optics"] for t in tables], ignore_index=True),
+                    "particles": pd.concat([t["particles"] for t in tables], ignore_index=True)}, tmp_path / "abc.star")
+    out = tmp_path / "prep"
+    r = run_cli("preprocess", "--particles", tmp_path / "abc.star", "--outdir", out, "--set", "preprocess.box=32",
+                "--set", "preprocess.set1_size=36", "--set", "preprocess.chunk_size=36", "--set", "data.invert_contrast=false")
+    assert r.returncode == 0, r.stderr
+    s1 = read_star(out / "set1.star")
+    assert s1.optics["rlnImagePixelSize"].tolist() == [pytest.approx(72 * 1.3 / 32)] * 3
+    assert s1.optics["rlnImageSize"].tolist() == [32] * 3
+    x = read_stack(out / "set1/chunk_0000.mrcs")
+    name = s1.particles["dhnmaOriginalImageName"].tolist()
+    idx = {g: [name.index(f"{i + 1:06d}@{g}.mrcs") for i in range(12)] for g in "abc"}
+    def cc(g, h):
+        return np.array([np.corrcoef(x[i].ravel(), x[j].ravel())[0, 1] for i, j in zip(idx[g], idx[h])])
+
+    other = np.array([np.corrcoef(x[i].ravel(), x[j].ravel())[0, 1] for i, j in zip(idx["a"], np.roll(idx["c"], 1))])
+    print(f"same particle: a~b {cc('a', 'b').min():.4f}, a~c {cc('a', 'c').min():.3f}; other particles "
+          f"{np.abs(other).max():.2f}")
+    assert cc("a", "b").min() > 0.99  # the same field of view at other samplings: the same image
+    # c sees more of the CTF's delocalised fringes (a larger field of view) but the same particle
+    assert cc("a", "c").min() > 0.94 and cc("b", "c").min() > 0.94 and np.abs(other).max() < 0.8
+    assert s1.particles["dhnmaOriginalPixelSize"].round(3).isin([1.3, 1.04]).all()

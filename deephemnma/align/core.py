@@ -43,9 +43,9 @@ class AlignSettings:
     coarse_cell: float
     xtol: float
     ctf: str
-    invert_contrast: bool
     batch_size: int
     min_significance: float | None
+    max_flagged_fraction: float
 
 
 @dataclass
@@ -117,8 +117,6 @@ class Aligner:
         s = self.settings
         B = len(images)
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        if s.invert_contrast:
-            img = -img
         F = torch.fft.rfft2(img)
         # ---- global search
         lv = self.search_level

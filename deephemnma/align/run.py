@@ -95,11 +95,11 @@ def ctf_setup(star: S.StarData, table: pd.DataFrame, mode: str) -> tuple[CTFPara
 
 
 def _fingerprint(settings: AlignSettings, model: ElasticModel, table: pd.DataFrame, params, modes, px, box,
-                 threads: int, seed: int) -> str:
+                 threads: int, seed: int, invert: bool = False) -> str:
     """Everything that determines a batch's results (resume.fingerprint)."""
     names = table[S.IMAGE_NAME].astype(str).tolist() if S.IMAGE_NAME in table.columns else []
     return fingerprint({"settings": settings.as_dict(), "version": __version__, "format": FORMAT_VERSION,
-                        "threads": int(threads), "seed": int(seed), "box": int(box)}, names, [str(m) for m in modes],
+                        "threads": int(threads), "seed": int(seed), "box": int(box), "invert": bool(invert)}, names, [str(m) for m in modes],
                        arrays=[model.coords, model.weights, model.sigma, model.vectors, model.mode_numbers,
                                np.asarray(px, float), *(params.to_columns().values() if params is not None else [])])
 
@@ -162,10 +162,12 @@ def align_batch(aligner: Aligner, imgs: np.ndarray, unreadable: np.ndarray, para
 
 def align_star(particles, modes_path, out, settings: AlignSettings | None = None, *, data_dir=None,
                pixel_size: float | None = None, seed: int = 0, threads: int | None = None,
-               stop_after: int | None = None) -> dict:
+               stop_after: int | None = None, invert=False) -> dict:
     """Align every particle of ``particles`` (STAR) against the mode set ``modes_path`` and
-    write ``out`` (see the module docstring). ``stop_after``: stop after that many new batches
-    without writing the output (for tests of the resume mechanics). Returns a summary."""
+    write ``out`` (see the module docstring). ``invert``: the contrast setting
+    (``data.invert_contrast``) for images that did not come through ``deephemnma preprocess``
+    (those are white already). ``stop_after``: stop after that many new batches without
+    writing the output (for tests of the resume mechanics). Returns a summary."""
     from ..core.mrc import ParticleImages
 
     settings = settings or AlignSettings()
@@ -186,14 +188,15 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
     box = images.box if n else 0
     if n and box % 2:
         raise InputError(star.path, f"odd box size {box} is not supported")
-    fp = _fingerprint(settings, model, table, params, modes, px, box, threads, seed)
+    polarity = _polarity(star, invert, model, data_dir) if n else {"invert": False}
+    fp = _fingerprint(settings, model, table, params, modes, px, box, threads, seed, polarity["invert"])
     bs = max(1, int(settings.batch_size))
     batches = [(a, min(n, a + bs)) for a in range(0, n, bs)]
     progress_files = BatchProgress(progress_dir(out), fp, len(batches), FORMAT_VERSION)
     done = progress_files.load()
     if done:
         log.info("resuming %s: %d of %d batches already done", out, len(done), len(batches))
-    aligners: dict[float, Aligner] = {}
+    run = _Batches(model, box, settings, images, params, modes, px, polarity["invert"])
     new = 0
     todo = [b for b in range(len(batches)) if b not in done]
     bar = progress(total=sum(batches[b][1] - batches[b][0] for b in todo), desc="align", unit="particle")
@@ -201,44 +204,91 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
         if stop_after is not None and new >= stop_after:
             bar.close()
             return {"complete": False, "batches_done": len(done), "batches": len(batches)}
-        a, z = batches[b]
-        idx = np.arange(a, z)
-        imgs, unreadable = _read_batch(images, idx)
+        rec = run(np.arange(*batches[b]))
+        progress_files.save(b, rec)
+        done[b] = rec
+        new += 1
+        bar.update(batches[b][1] - batches[b][0])
+    bar.close()
+    result = _assemble(star, model, done, batches)
+    summary = _summary(result, n, len(batches), new, t0, threads, model, modes, polarity)
+    _check_flagged(summary, settings, star.path, polarity)
+    # written atomically; relative image paths rebased to resolve from the output's directory
+    S.write_star(out, result, star.optics, source=star.path, data_dir=data_dir)
+    progress_files.clear()
+    log.info("aligned %d particles in %.1f s (%d batches, %d resumed); flags: %s", n, summary["seconds"],
+             len(batches), summary["resumed_batches"], summary["flagged"])
+    return summary
+
+
+def _polarity(star: S.StarData, invert, model: ElasticModel, data_dir) -> dict:
+    """Whether to negate the images: never for particles written by ``deephemnma preprocess``
+    (white by construction); else ``data.invert_contrast`` (auto: detected against the model)."""
+    from ..core.polarity import resolve_invert
+
+    if S.ORIGINAL_IMAGE_NAME in star.particles.columns:
+        return {"invert": False, "decision": "preprocessed by deephemnma (white)"}
+    inv, decision = resolve_invert(invert, star.path, model, data_dir=data_dir, what="data.invert_contrast")
+    return {"invert": bool(inv), "decision": decision.as_dict() if decision is not None else "set in the configuration"}
+
+
+class _Batches:
+    """Aligns one batch of particles (rows of the STAR) with one Aligner per pixel size."""
+
+    def __init__(self, model, box, settings, images, params, modes, px, invert: bool):
+        self.model, self.box, self.settings, self.images = model, box, settings, images
+        self.params, self.modes, self.px, self.invert = params, modes, px, invert
+        self.aligners: dict[float, Aligner] = {}
+
+    def __call__(self, idx: np.ndarray) -> dict:
+        imgs, unreadable = _read_batch(self.images, idx)
+        if self.invert:
+            imgs = -imgs
         parts = []
-        for p in np.unique(px[idx]):
-            sel = np.flatnonzero(px[idx] == p)
-            if float(p) not in aligners:
-                aligners[float(p)] = Aligner(model, box, float(p), settings)
-            r = align_batch(aligners[float(p)], imgs[sel], unreadable[sel],
-                            None if params is None else params[idx[sel]], modes[idx[sel]], settings.min_significance)
+        for p in np.unique(self.px[idx]):
+            sel = np.flatnonzero(self.px[idx] == p)
+            if float(p) not in self.aligners:
+                self.aligners[float(p)] = Aligner(self.model, self.box, float(p), self.settings)
+            r = align_batch(self.aligners[float(p)], imgs[sel], unreadable[sel],
+                            None if self.params is None else self.params[idx[sel]], self.modes[idx[sel]],
+                            self.settings.min_significance)
             parts.append((sel, r))
         rec = {k: np.zeros((len(idx),) + v.shape[1:], dtype=v.dtype) for k, v in parts[0][1].items()}
         for sel, r in parts:
             for k, v in r.items():
                 rec[k][sel] = v
-        progress_files.save(b, rec)
-        done[b] = rec
-        new += 1
-        bar.update(len(idx))
-    bar.close()
-    result = _assemble(star, model, done, batches)
-    # written atomically; relative image paths rebased to resolve from the output's directory
-    S.write_star(out, result, star.optics, source=star.path, data_dir=data_dir)
-    progress_files.clear()
+        return rec
+
+
+def _summary(result: pd.DataFrame, n: int, n_batches: int, new: int, t0: float, threads: int, model, modes,
+             polarity: dict) -> dict:
     flags = result[S.FLAG].to_numpy() if n else np.zeros(0, dtype=np.int64)
-    summary = {
-        "particles": n, "batches": len(batches), "resumed_batches": len(batches) - new,
+    return {
+        "particles": n, "batches": n_batches, "resumed_batches": n_batches - new,
         "seconds": time.perf_counter() - t0, "threads": threads,
         "modes": [int(m) for m in model.mode_numbers],
         "ctf_modes": {str(k): int(v) for k, v in zip(*np.unique(modes.astype(str), return_counts=True))} if n else {},
         "flagged": {name: int(((flags & bit) != 0).sum()) for name, bit in
                     (("not_converged", S.FLAG_NOT_CONVERGED), ("junk", S.FLAG_JUNK),
                      ("bad_image", S.FLAG_BAD_IMAGE), ("at_bound", FLAG_AT_BOUND))},
+        "unusable": int(((flags & (S.FLAG_JUNK | S.FLAG_BAD_IMAGE)) != 0).sum()),
         "mean_score": float(result[S.SCORE].mean()) if n else None,
+        "polarity": polarity,
     }
-    log.info("aligned %d particles in %.1f s (%d batches, %d resumed); flags: %s", n, summary["seconds"],
-             len(batches), summary["resumed_batches"], summary["flagged"])
-    return summary
+
+
+def _check_flagged(summary: dict, settings: AlignSettings, source, polarity: dict) -> None:
+    """Stop loudly when most particles are junk or unreadable: something about the input is wrong."""
+    n, bad = summary["particles"], summary["unusable"]
+    if n == 0 or bad <= settings.max_flagged_fraction * n:
+        return
+    pol = polarity.get("decision")
+    pol_txt = pol.get("polarity") if isinstance(pol, dict) else pol
+    raise InputError(source, f"{bad} of {n} particles aligned as junk or unreadable ({summary['flagged']['junk']} "
+                             f"junk, {summary['flagged']['bad_image']} bad images; more than align.max_flagged_fraction "
+                             f"{settings.max_flagged_fraction:g}): check the contrast polarity (data.invert_contrast; "
+                             f"images {'negated' if polarity['invert'] else 'as read'}, {pol_txt}), the pixel size, "
+                             "the box and centring, the reference and the defocus sign")
 
 
 def _assemble(star: S.StarData, model: ElasticModel, done: dict, batches: list) -> pd.DataFrame:

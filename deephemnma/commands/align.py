@@ -6,7 +6,7 @@ from pathlib import Path
 from ..core.stage import Stage
 
 NAME = "align"
-STAGE = Stage(order=30, sections=("align",), results="align", report="HEMNMA alignment (image set 1)")
+STAGE = Stage(order=30, sections=("align", "data.invert_contrast"), results="align", report="HEMNMA alignment (image set 1)")
 HELP = "HEMNMA: per-particle normal-mode amplitudes, angles and shifts (one chunk, CPU)"
 DESCRIPTION = (
     "Fit every particle of a STAR file with the reference deformed by its normal modes, rotated,\n"
@@ -51,7 +51,7 @@ def run(args, config: dict) -> int:
         args.particles, args.modes, args.out, AlignSettings.from_config(config),
         data_dir=args.data_dir or data.get("data_dir"),
         pixel_size=args.pixel_size if args.pixel_size is not None else data.get("pixel_size"),
-        seed=int(config.get("seed", 0)), threads=args.threads,
+        seed=int(config.get("seed", 0)), threads=args.threads, invert=data["invert_contrast"],
     )
     if args.summary:
         atomic_write_json(args.summary, summary)

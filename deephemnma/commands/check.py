@@ -10,8 +10,9 @@ DESCRIPTION = (
     "Read a RELION 3.0-5 particle STAR file, resolve every image stack it refers to, validate\n"
     "their headers (format, size, box, image indices) and read every image once to make sure\n"
     "no pixel is NaN or Inf. Prints a summary (RELION version, particles, optics groups,\n"
-    "box, stacks, CTF and pose columns) and exits 0, or prints one line naming the bad file\n"
-    "(and row) and exits 2. Options default to the config's data section."
+    "box, stacks, CTF and pose columns, and the contrast polarity detected from a sample of\n"
+    "the particles: what data.invert_contrast auto will do) and exits 0, or prints one line\n"
+    "naming the bad file (and row) and exits 2. Options default to the config's data section."
 )
 EXAMPLES = [
     "deephemnma check --particles run_data.star",
@@ -31,6 +32,10 @@ def add_arguments(p) -> None:
                         "contrast) is missing")
     p.add_argument("--batch-size", type=int, default=512, metavar="N", help="images read at a time (default 512)")
     p.add_argument("--no-images", action="store_true", help="check headers only, do not read the images")
+    p.add_argument("--reference", metavar="FILE",
+                   help="reference for the polarity check (modes file, atomic model or map; default: "
+                        "config reference.path, else a sphere of 0.3 × the box)")
+    p.add_argument("--no-polarity", action="store_true", help="skip the contrast-polarity detection")
 
 
 def default_log(args):
@@ -52,20 +57,41 @@ def run(args, config: dict) -> int:
     pixel_size = args.pixel_size if args.pixel_size is not None else data.get("pixel_size")
 
     star = S.read_star(particles, pixel_size=pixel_size, data_dir=data_dir)
+    if len(star) == 0:
+        from ..core.errors import InputError
+
+        raise InputError(star.path, "no particles")
     if args.require_ctf:
         S.require_columns(star, S.CTF_COLUMNS, "the CTF")
     px = S.pixel_sizes(star)
-    images = ParticleImages.from_star(star, data_dir)
-    images.validate(progress_desc="stack headers" if images.n_stacks > 100 else None)
-    n_checked = 0
-    if not args.no_images and len(images):
-        with progress(total=len(images), desc="images", unit="image") as bar:
-            for idx, _ in images.iter_batches(args.batch_size):
-                n_checked += len(idx)
-                bar.update(len(idx))
+    groups = ParticleImages.by_box(star, data_dir)
+    n_stacks, n_checked = 0, 0
+    for _, images in groups.values():
+        images.validate(progress_desc="stack headers" if images.n_stacks > 100 else None)
+        n_stacks += images.n_stacks
+    if not args.no_images and len(star):
+        with progress(total=len(star), desc="images", unit="image") as bar:
+            for _, images in groups.values():
+                for idx, _ in images.iter_batches(args.batch_size):
+                    n_checked += len(idx)
+                    bar.update(len(idx))
     log.debug("checked %d images", n_checked)
-    sys.stdout.write(_summary(star, images, px, n_checked, S))
+    polarity = None
+    if not args.no_polarity and len(star):
+        polarity = _polarity(star, args.reference or config["reference"]["path"], data_dir, pixel_size)
+    sys.stdout.write(_summary(star, sorted(groups), n_stacks, px, n_checked, S, polarity,
+                              config["data"]["invert_contrast"]))
     return 0
+
+
+def _polarity(star, reference, data_dir, pixel_size):
+    from ..core.errors import InputError
+    from ..core.polarity import detect_polarity_star
+
+    try:
+        return detect_polarity_star(star.path, reference, data_dir=data_dir, pixel_size=pixel_size)
+    except InputError as exc:  # e.g. no CTF, odd geometry: report, the rest of the check stands
+        return f"not detected ({exc})"
 
 
 def _fmt(v) -> str:
@@ -76,7 +102,7 @@ def _fmt(v) -> str:
     return f"{f:g}"
 
 
-def _summary(star, images, px, n_checked, S) -> str:
+def _summary(star, boxes, n_stacks, px, n_checked, S, polarity, setting) -> str:
     import numpy as np
 
     p, o = star.particles, star.optics
@@ -95,9 +121,9 @@ def _summary(star, images, px, n_checked, S) -> str:
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     lo, hi = (float(np.min(px)), float(np.max(px))) if len(px) else (float("nan"),) * 2
     lines.append(f"pixel size: {lo:g} A" if lo == hi else f"pixel size: {lo:g}-{hi:g} A")
-    if len(images):
-        lines.append(f"box: {images.box} px")
-    lines.append(f"image stacks: {images.n_stacks} (headers valid)")
+    if boxes:
+        lines.append(f"box: {', '.join(str(b) for b in boxes)} px")
+    lines.append(f"image stacks: {n_stacks} (headers valid)")
     lines.append(f"images read: {n_checked} (all pixels finite)" if n_checked else "images read: none (--no-images)")
     have = set(p.columns) | set(o.columns)
     ctf = [c for c in S.CTF_COLUMNS + S.CTF_OPTIONAL_COLUMNS if c in have]
@@ -109,4 +135,20 @@ def _summary(star, images, px, n_checked, S) -> str:
     modes = S.amplitude_modes(p)
     if modes:
         lines.append(f"normal-mode amplitudes: modes {', '.join(map(str, modes))}")
+    if polarity is not None:
+        lines.append("contrast: " + _polarity_line(polarity, setting))
     return "\n".join(lines) + "\n"
+
+
+def _polarity_line(d, setting) -> str:
+    if isinstance(d, str):
+        return d
+    if not d.conclusive:
+        return (f"{d.summary()}: with data.invert_contrast auto the run would stop; set it to true (dark "
+                "particles) or false (white)")
+    action = "negated" if d.invert else "kept as they are"
+    if setting == "auto":
+        return f"{d.summary()} → with data.invert_contrast auto the images are {action}"
+    agrees = bool(setting) == bool(d.invert)
+    return (f"{d.summary()}; data.invert_contrast is {str(setting).lower()}"
+            + ("" if agrees else " — CONTRADICTS the detection: check it"))

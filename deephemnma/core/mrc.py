@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .errors import InputError
 from .fileio import atomic_path
@@ -151,6 +152,35 @@ class ParticleImages:
 
         files, file_idx, image_idx = image_locations(star, data_dir)
         return cls(files, file_idx, image_idx, star_path=star.path, **kw)
+
+    @classmethod
+    def by_box(cls, star, data_dir: str | os.PathLike | None = None, **kw) -> dict[int, tuple[np.ndarray, "ParticleImages"]]:
+        """``{box: (STAR rows, ParticleImages of those rows)}``: the particles grouped by the
+        box size of their stacks (data merged from optics groups with different boxes)."""
+        from .star import image_locations
+
+        files, file_idx, image_idx = image_locations(star, data_dir)
+        heads = [read_header(f) for f in files]
+        for h in heads:
+            if h.nx != h.ny:
+                raise InputError(h.path, f"images are not square ({h.nx}x{h.ny} pixels)")
+        box_of = np.array([h.nx for h in heads], dtype=np.int64)[file_idx]
+        from .star import IMAGE_SIZE, merged
+
+        table = merged(star)
+        if IMAGE_SIZE in table.columns:  # each stack must have the box its optics group declares
+            declared = pd.to_numeric(table[IMAGE_SIZE], errors="coerce").to_numpy()
+            bad = np.isfinite(declared) & (declared != box_of)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(files[int(file_idx[i])], f"box size {int(box_of[i])} differs from {int(declared[i])}, "
+                                 f"the rlnImageSize of its optics group (STAR row {i + 1} of {star.path})")
+        out = {}
+        for D in np.unique(box_of):
+            rows = np.flatnonzero(box_of == D)
+            used, local = np.unique(file_idx[rows], return_inverse=True)  # this box's stacks only
+            out[int(D)] = (rows, cls([files[k] for k in used], local, image_idx[rows], star_path=star.path, **kw))
+        return out
 
     # -- pickling: memory maps do not travel; they are re-opened lazily -----------------
     def __getstate__(self) -> dict:

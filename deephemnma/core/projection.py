@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -264,7 +265,8 @@ class FourierAccumulator:
         ``origins_px``: RELION origins in pixels (B, 2); ``ctf``: (B, D, D//2+1) rfft-layout
         CTF the images are modulated by (any other square grid is resampled); ``weights``:
         per-image weights (B,). ``ctf_premultiplied``: the images were already multiplied by
-        their CTF (RELION's ``rlnCtfDataAreCtfPremultiplied``): only the weights get CTF²."""
+        their CTF (RELION's ``rlnCtfDataAreCtfPremultiplied``): only the weights get CTF²;
+        a bool, or one per image (B,)."""
         images = _as_tensor(images, torch.float32, self.device)
         R = _as_tensor(rotations, torch.float32, self.device)
         if images.dim() == 2:
@@ -279,15 +281,17 @@ class FourierAccumulator:
         w_img = None if weights is None else _as_tensor(weights, torch.float32, self.device).reshape(-1)
         # bound the temporaries (~170 bytes per inserted point) to ~100 MB per chunk
         chunk = max(1, int(2 ** 19 // max(1, self.box * (self.box // 2 + 1))))
+        premult = torch.as_tensor(np.broadcast_to(np.asarray(ctf_premultiplied, dtype=bool), (B,)).copy(),
+                                  device=self.device)
         for s in range(0, B, chunk):
             sl = slice(s, s + chunk)
             self._insert(images[sl], R[sl],
                          None if origins_px is None else _as_tensor(origins_px, torch.float64, self.device).reshape(-1, 2)[sl],
                          None if ctf is None else ctf[sl], None if w_img is None else w_img[sl],
-                         ctf_premultiplied)
+                         premult[sl])
         self.count += B
 
-    def _insert(self, images, R, origins_px, ctf, w_img, premultiplied=False) -> None:
+    def _insert(self, images, R, origins_px, ctf, w_img, premultiplied: torch.Tensor) -> None:
         D, P = self.box, self.padded
         H = P // 2 + 1
         B = images.shape[0]
@@ -298,8 +302,12 @@ class FourierAccumulator:
             if ctf.shape[-2:] != (D, D // 2 + 1):  # CTF on another grid: resample onto the D² grid
                 ctf = _resample_rfft(ctf, D)
             c = ctf.reshape(B, -1)[:, sel]
-            if not premultiplied:
+            if bool(premultiplied.all()):
+                pass
+            elif not bool(premultiplied.any()):
                 S = S * c
+            else:  # a mix: premultiplied images are not multiplied again
+                S = torch.where(premultiplied[:, None], S, S * c)
             wt = wt * c * c
         scale = mult[None] if w_img is None else mult[None] * w_img[:, None]
         if w_img is not None:

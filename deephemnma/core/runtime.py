@@ -1,6 +1,7 @@
 """Process-wide runtime settings: thread counts and determinism."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -28,6 +29,23 @@ def set_threads(n: int | None) -> int:
 
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the block with one torch thread (restored afterwards). Torch's elementwise maths
+    (sin, cos, exp) and reductions give results that depend on how the work is split over
+    threads; stages whose outputs must be the same bytes on any machine and thread count
+    (simulate, preprocess, reconstruct on CPU) compute on one thread and get their
+    parallelism from processes or from Snakemake's jobs."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def training_engine(engine: str, ranks: int) -> str:

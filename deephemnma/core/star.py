@@ -162,6 +162,8 @@ GROUP = "dhnmaGroup"
 #: key of ground-truth tables) and the pixel size of those original images
 ORIGINAL_IMAGE_NAME = "dhnmaOriginalImageName"
 ORIGINAL_PIXEL_SIZE = "dhnmaOriginalPixelSize"
+#: CTF state of the original image (0 raw, 1 phase flipped, 2 CTF-premultiplied), written by preprocess
+ORIGINAL_CTF_STATE = "dhnmaOriginalCtfState"
 CTF_PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"
 
 #: dhnmaFlag bits (a particle may carry several; 0 = nothing to report)
@@ -1155,9 +1157,39 @@ def concat_stars(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     for path, miss in missing:
         if miss:
             raise InputError(path, f"missing column(s) {', '.join('_' + c for c in miss)} present in other inputs")
+    _check_no_duplicates(stars, parts)
     table = pd.concat([p[cols] for p in parts], ignore_index=True)
     write_star(out, table, optics)
     return StarData(table, optics, Path(out), "3.1")
+
+
+def _check_no_duplicates(stars: Sequence[StarData], parts: Sequence[pd.DataFrame]) -> None:
+    """InputError naming the file and row of the first particle (image) that is already in an
+    earlier row or file (e.g. the same chunk given twice): merged outputs keep each particle once.
+    ``parts``: the particle tables with image names rebased to one directory."""
+    from .errors import InputError
+
+    names = pd.concat([p[IMAGE_NAME].astype(str) for p in parts], ignore_index=True)
+    sp = names.str.partition("@")
+    num = pd.to_numeric(sp[0], errors="coerce")
+    ok = num.notna() & (sp[1] == "@")
+    key = names.copy()
+    key[ok] = num[ok].astype(np.int64).astype(str) + "@" + sp[2][ok]  # 000001@a.mrcs is 1@a.mrcs
+    dup = key.duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return
+    k = int(np.flatnonzero(dup)[0])
+    first = int(np.flatnonzero((key == key.iloc[k]).to_numpy())[0])
+    ends = np.cumsum([len(p) for p in parts])
+
+    def where(pos: int) -> tuple[Path, int]:
+        f = int(np.searchsorted(ends, pos, side="right"))
+        return stars[f].path, pos - (int(ends[f - 1]) if f else 0) + 1
+
+    (path, row), (path0, row0) = where(k), where(first)
+    name = stars[int(np.searchsorted(ends, k, side="right"))].particles[IMAGE_NAME].iloc[row - 1]
+    also = "earlier in this file" if path0 == path else f"also in {path0}"
+    raise InputError(path, f"particle {name} is {also} (row {row0}): each particle may be merged once", row=row)
 
 
 def _same_optics(a: pd.DataFrame, b: pd.DataFrame) -> bool:

@@ -60,6 +60,7 @@ rule reconstruct:
     input:
         groups=f"{R['groups']}/groups.json",
         manifest=f"{R['preprocess']}/preprocess.json",
+        modes=f"{R['nma']}/modes.npz",
         cfg=stage_config("reconstruct"),
     output:
         map=f"{R['reconstruct']}/group_{{g}}/map.mrc",
@@ -74,7 +75,7 @@ rule reconstruct:
         log_of("reconstruct/group_{g}"),
     benchmark:
         bench_of("reconstruct/group_{g}")
-    threads: 2
+    threads: 1  # CPU maps are computed on one thread (same bytes on any machine); groups run in parallel
     resources:
         mem_mb=8000,
         runtime=120,
@@ -82,6 +83,7 @@ rule reconstruct:
         "../../envs/torch-gpu.yaml"
     shell:
         "{DH} reconstruct --particles {R[groups]}/group_{wildcards.g}.star --original --manifest {input.manifest} "
+        "--reference {input.modes} "
         "--outdir {R[reconstruct]}/group_{wildcards.g} --config {input.cfg} --threads {threads} --log {log}"
 
 

@@ -28,9 +28,10 @@ if SIMULATING:
 
 
 rule preprocess_chunk:
-    """One chunk: phase flip, downscale, normalise; STAR + MRC stack."""
+    """One chunk: phase flip, downscale, normalise, contrast polarity; STAR + MRC stack."""
     input:
         star=particles_star(),
+        modes=f"{R['nma']}/modes.npz",
         cfg=stage_config("preprocess"),
     output:
         star=f"{R['preprocess']}/{{set}}/{{chunk}}.star",
@@ -50,7 +51,7 @@ rule preprocess_chunk:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} "
+        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} --reference {input.modes} "
         "--chunks {wildcards.set}/{wildcards.chunk} --config {input.cfg} --threads {threads} --log {log}"
 
 
@@ -58,6 +59,7 @@ rule preprocess_index:
     """Per-set STAR files and the manifest, once every chunk is done (nothing is redone)."""
     input:
         star=particles_star(),
+        modes=f"{R['nma']}/modes.npz",
         cfg=stage_config("preprocess"),
         chunks=[f"{R['preprocess']}/{c['star']}" for c in CHUNKS],
     output:
@@ -70,5 +72,6 @@ rule preprocess_index:
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} --config {input.cfg} "
+        "{DH} preprocess --particles {input.star} --outdir {R[preprocess]} --reference {input.modes} "
+        "--config {input.cfg} "
         "--threads {threads} --log {log}"
