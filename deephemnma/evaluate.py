@@ -361,3 +361,54 @@ def evaluate_group_maps_dir(groups_dir, maps_dir, ctx: dict, outdir, atom_sigma:
     if missing:
         out.setdefault("group_maps", {})["missing_maps"] = missing
     return out
+
+
+#: the position of each simulated particle along its conformational path (``deephemnma simulate``)
+TRUE_POSITION = "dhnmaConformation"
+
+
+def landscape_agreement(landscape: pd.DataFrame, truth: pd.DataFrame, source=None, truth_source=None) -> dict:
+    """How well the landscape recovers the simulated path: Spearman rank correlation of each
+    landscape axis (``dhnmaPC1`` …) with each particle's true position along the path
+    (``dhnmaConformation``), and, per group (``dhnmaGroup``), the spread of the true positions
+    of its members next to the spread over all particles (a group of random particles spreads
+    as much as all of them). Empty when the truth has no path position."""
+    from scipy.stats import spearmanr
+
+    from .core.star import GROUP, pc_columns
+
+    if TRUE_POSITION not in truth.columns:
+        return {}
+    pred, t = align_tables(landscape, truth, source, truth_source)
+    r = pd.to_numeric(t[TRUE_POSITION], errors="coerce").to_numpy(np.float64)
+    out: dict = {"n": int(len(r)), "true_position_std": float(np.std(r))}
+    for c in pc_columns(pred):
+        rho = spearmanr(pred[c].to_numpy(np.float64), r).statistic
+        out[f"rank_correlation_{c}"] = float(rho)
+    if GROUP in pred.columns:
+        g = pred[GROUP].to_numpy()
+        out["groups"] = {int(k): {"n": int((g == k).sum()), "true_position_mean": float(r[g == k].mean()),
+                                  "true_position_std": float(r[g == k].std())}
+                         for k in np.unique(g) if k > 0}
+        if out["groups"]:
+            out["mean_group_true_position_std"] = float(np.mean([v["true_position_std"] for v in out["groups"].values()]))
+    return out
+
+
+def with_groups(landscape: pd.DataFrame, groups_dir, source=None) -> pd.DataFrame:
+    """The landscape table with ``dhnmaGroup`` from the group STAR files of ``groups_dir``
+    (``groups.json`` lists them; particles matched by their original image name), 0 = none."""
+    from .core.star import GROUP, read_star
+
+    if GROUP in landscape.columns:
+        return landscape
+    doc = read_groups_doc(groups_dir)
+    key = ORIGINAL_IMAGE_NAME if ORIGINAL_IMAGE_NAME in landscape.columns else IMAGE_NAME
+    member = {}
+    for g, info in doc["groups"].items():
+        t = read_star(Path(groups_dir) / info["file"]).particles
+        k = ORIGINAL_IMAGE_NAME if ORIGINAL_IMAGE_NAME in t.columns else IMAGE_NAME
+        member.update(dict.fromkeys(t[k].astype(str), int(g)))
+    out = landscape.copy()
+    out[GROUP] = landscape[key].astype(str).map(member).fillna(0).astype(np.int64).to_numpy()
+    return out

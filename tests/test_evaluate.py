@@ -191,3 +191,24 @@ def test_evaluate_command_with_group_reconstructions(ak_dir, tmp_path, run_cli):
     assert (table["resolution_fsc05"] < 8.0).all()
     for f in ("errors.csv", "amplitudes_vs_true.png", "group_fsc.png", "errors.png"):
         assert (tmp_path / "eval" / f).is_file()
+
+
+def test_landscape_agreement_with_the_true_path():
+    """A landscape whose first axis follows the path ranks it (|ρ| ≈ 1) and groups cut along it
+    hold narrow stretches of it; a landscape of noise does neither."""
+    from deephemnma.evaluate import landscape_agreement
+
+    rng = np.random.default_rng(0)
+    r = rng.uniform(0, 1, 400)
+    names = [f"{i + 1}@p.mrcs" for i in range(400)]
+    truth = pd.DataFrame({"rlnImageName": names, "dhnmaConformation": r})
+    good = pd.DataFrame({"rlnImageName": names, "dhnmaPC1": -300 * r + rng.normal(0, 10, 400),
+                         "dhnmaGroup": np.digitize(r, [0.25, 0.5, 0.75]) + 1})
+    a = landscape_agreement(good, truth)
+    assert a["rank_correlation_dhnmaPC1"] < -0.95
+    assert a["mean_group_true_position_std"] < 0.3 * a["true_position_std"]
+    noise = good.assign(dhnmaPC1=rng.normal(size=400), dhnmaGroup=rng.integers(1, 5, 400))
+    b = landscape_agreement(noise, truth)
+    assert abs(b["rank_correlation_dhnmaPC1"]) < 0.2
+    assert b["mean_group_true_position_std"] > 0.8 * b["true_position_std"]
+    assert landscape_agreement(good, truth.drop(columns=["dhnmaConformation"])) == {}

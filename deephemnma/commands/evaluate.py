@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", metavar="FILE", help="normal modes (nma stage output): RMSD terms and group maps")
     p.add_argument("--groups", metavar="DIR", help="output directory of deephemnma groups")
     p.add_argument("--maps", metavar="DIR", help="directory with one reconstruction per group (group_NN/map.mrc)")
+    p.add_argument("--landscape", metavar="STAR",
+                   help="landscape STAR (dhnmaPC*, dhnmaGroup): rank correlation of each axis with the true position "
+                        "along the simulated path (dhnmaConformation) and the spread of that position in each group")
 
 
 def default_log(args) -> Path:
@@ -58,6 +61,19 @@ def run(args, config: dict) -> int:
     if args.groups and args.maps:
         summary.update(evaluate_group_maps_dir(args.groups, args.maps, ctx, outdir,
                                                config["landscape"]["evaluation"]["atom_sigma"], args.truth))
+    if args.landscape:
+        from ..core.star import read_star
+        from ..evaluate import landscape_agreement
+
+        land = read_star(require_file(args.landscape, "landscape STAR file"))
+        table = land.particles
+        if args.groups:
+            from ..evaluate import with_groups
+
+            table = with_groups(table, args.groups, land.path)
+        agreement = landscape_agreement(table, ctx["truth"], land.path, args.truth)
+        if agreement:
+            summary["landscape"] = agreement
     atomic_write_json(outdir / "summary.json", summary)
     line = [f"{summary['n']} particles"]
     if "amp_err_mean_over_modes" in summary:
@@ -65,5 +81,7 @@ def run(args, config: dict) -> int:
     for c, unit in (("angle_err", "°"), ("shift_err", " Å"), ("rmsd_amp", " Å")):
         if c in summary:
             line.append(f"{c} {summary[c]['mean']:.3g}{unit}")
+    if "landscape" in summary and "rank_correlation_dhnmaPC1" in summary["landscape"]:
+        line.append(f"landscape axis 1 rank correlation with the true path {summary['landscape']['rank_correlation_dhnmaPC1']:+.2f}")
     print("; ".join(line))
     return 0

@@ -132,6 +132,7 @@ rule evaluate_predicted:
         truth=ground_truth() or [],
         modes=f"{R['nma']}/modes.npz",
         groups=f"{R['groups']}/groups.json",
+        landscape=f"{R['landscape']}/landscape.star",
         maps=group_maps,
         cfg=stage_config("evaluate"),
     output:
@@ -142,4 +143,4 @@ rule evaluate_predicted:
         "../../envs/core.yaml"
     shell:
         "{DH} evaluate --particles {input.star} --truth {input.truth} --modes {input.modes} "
-        "--groups {R[groups]} --maps {R[reconstruct]} --outdir {R[evaluate]}/predicted --config {input.cfg} --log {log}"
+        "--groups {R[groups]} --maps {R[reconstruct]} --landscape {input.landscape} --outdir {R[evaluate]}/predicted --config {input.cfg} --log {log}"
