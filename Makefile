@@ -11,7 +11,7 @@ CORES ?= all
 CONFIG ?= config/config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install peer test run bench clean help
+.PHONY: install peer browser vendor vendor-check test run bench clean help
 PEER_VENV ?= .venv-peer
 PEER_STAMP := $(PEER_VENV)/.deps-installed
 
@@ -19,6 +19,8 @@ help:
 	@echo "make run    run the embedded demo workflow (config/config.yaml) into results/"
 	@echo "make test   run the test suite"
 	@echo "make bench  run the benchmark scripts (bench/), results in bench/results/"
+	@echo "make browser        install headless Chromium for the results-page tests (root, apt-get)"
+	@echo "make vendor-check   verify the page's vendored JavaScript against the npm registry"
 
 $(BIN)/python:
 	$(PYTHON) scripts/make_venv.py $(VENV)
@@ -46,8 +48,25 @@ $(PEER_STAMP): requirements/peer.txt $(STAMP)
 
 peer: $(PEER_STAMP)
 
+# Headless Chromium for the results-page tests (tests/test_page_browser.py) and bench: Debian's
+# chromium and chromium-driver, driven through selenium (in the lock). Installed with apt-get
+# where we are root; elsewhere the browser tests skip and say why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: chromium and chromium-driver are not installed (needs root and apt-get); the browser tests will skip"; fi
+
+# The page's JavaScript (NGL) is committed under deephemnma/report/vendor/ as package data;
+# these refetch it from the npm registry (npm pack) and check it against the pinned integrity.
+vendor:
+	$(BIN)/python scripts/vendor_js.py
+vendor-check:
+	$(BIN)/python scripts/vendor_js.py --check
+
 test: install
 	-$(MAKE) --no-print-directory peer || echo "note: cryoDRGN peer environment not installed; its tests will skip"
+	-$(MAKE) --no-print-directory browser || echo "note: headless Chromium not installed; the browser tests will skip"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 run: install

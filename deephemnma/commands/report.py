@@ -1,4 +1,4 @@
-"""``deephemnma report``: one self-contained HTML page with the figures and tables of a results tree."""
+"""``deephemnma report``: the results page (report.html) of a results tree: answer and health first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +7,17 @@ from ..core.stage import Stage
 
 NAME = "report"
 STAGE = Stage(order=95, sections=("landscape",))
-HELP = "HTML report of a results directory (figures embedded; works with whatever stages exist)"
+HELP = "the results page (report.html): answer and health first, interactive landscape, 3D maps and motions"
 DESCRIPTION = (
-    "Assemble the figures and tables found in a results directory into one self-contained\n"
-    "HTML file (images embedded as base64 PNG): a section per stage present (normal modes,\n"
-    "alignment, training curves, outlier filter, landscape, groups, reconstructions with FSC,\n"
-    "evaluation, animations) and one for anything else. Missing stages are skipped.\n"
+    "Write one self-contained HTML page (opens from file://, offline; nothing fetched) of a\n"
+    "results directory. It leads with the answer: the landscape of every particle (interactive:\n"
+    "colour by any column, hover, box/lasso selection saved for 'deephemnma select') beside what\n"
+    "was obtained and a health panel that says what can be trusted (HEMNMA flags, the network\n"
+    "against predicting the mean and chance, refinement fallbacks, contrast polarity, map sign\n"
+    "and mask, failed jobs); then each group's map resolution and FSC, the motion along each\n"
+    "axis, the group maps as isosurfaces and the animations in 3D; settings, each stage's\n"
+    "summaries, tables and figures collapsed at the bottom. Works with whatever stages exist\n"
+    "('not available' for the others).\n"
     "Settings: landscape.report.title / max_table_rows."
 )
 EXAMPLES = ["deephemnma report --results results --out results/report.html"]
@@ -41,6 +46,6 @@ def run(args, config: dict) -> int:
     if not Path(args.results).is_dir():
         raise InputError(args.results, "results directory not found")
     rc = config["landscape"]["report"]
-    out = build_report(args.results, args.out, report_sections(), rc["title"], rc["max_table_rows"], config["seed"])
+    out = build_report(args.results, args.out, report_sections(), rc["title"], rc["max_table_rows"])
     print(f"report written to {out}")
     return 0

@@ -26,7 +26,9 @@ rule landscape:
 
 
 checkpoint groups:
-    """Groups of particles in the landscape, each a RELION STAR file (groups/group_NN.star)."""
+    """Groups of particles in the landscape, each a RELION STAR file (groups/group_NN.star), and
+    every particle with its group (groups/particles.star: what the results page explores and
+    `deephemnma select --groups` reads)."""
     input:
         star=f"{R['landscape']}/landscape.star",
         cfg=stage_config("groups"),
@@ -34,13 +36,14 @@ checkpoint groups:
         json=f"{R['groups']}/groups.json",
         csv=f"{R['groups']}/groups.csv",
         dropped=f"{R['groups']}/dropped.star",
+        particles=f"{R['groups']}/particles.star",
         plot=report(f"{R['groups']}/landscape_groups.png", caption="../report/groups.rst", category="4. Landscape"),
     log:
         log_of("groups"),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} groups --particles {input.star} --outdir {R[groups]} --no-all --config {input.cfg} --log {log}"
+        "{DH} groups --particles {input.star} --outdir {R[groups]} --config {input.cfg} --log {log}"
 
 
 def group_ids(wildcards=None):
