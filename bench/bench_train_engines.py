@@ -35,7 +35,7 @@ from pathlib import Path
 from deephemnma.network.train import TrainSettings, train
 star, out, engine, cfg = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 out.mkdir(parents=True, exist_ok=True)
-s = TrainSettings.from_config({"seed": 0, "network": dict(cfg, engine=engine, val_fraction=0.0, patience=0)})
+s = TrainSettings.from_config({"seed": 0, "network": dict(cfg, recipe="fast", engine=engine, val_fraction=0.0, patience=0)})
 r = train(star, out, s)
 if r.engine.is_main:
     print(json.dumps({"images_per_s": [h["train_images_per_s"] for h in r.history], "world": r.engine.world_size}))

@@ -17,7 +17,7 @@ from deephemnma.core import geometry
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = ["--set", "network.arch=resnet10", "--set", "network.hidden=[64,32]", "--set", "network.epochs=4",
+TINY = ["--set", "network.recipe=fast", "--set", "network.arch=resnet10", "--set", "network.hidden=[64,32]", "--set", "network.epochs=4",
         "--set", "network.batch_size=6", "--set", "network.num_workers=1", "--set", "network.val_fraction=0.25",
         "--set", "network.augment=rot90", "--set", "network.warmup_epochs=1", "--set", "network.device=cpu",
         "--set", "network.engine=single"]
@@ -128,7 +128,7 @@ def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, 
     from deephemnma.network.train import TrainSettings, train
 
     settings = TrainSettings.from_config({"seed": 0, "network": dict(
-        arch="resnet10", hidden=[64, 32], epochs=3, batch_size=6, num_workers=0, val_fraction=0.25, device="cpu",
+        recipe="fast", arch="resnet10", hidden=[64, 32], epochs=3, batch_size=6, num_workers=0, val_fraction=0.25, device="cpu",
         engine="single")})
     piece = tmp_path / "pieces"
     r = train(toy, piece, settings, max_epochs=2)
@@ -213,7 +213,7 @@ def test_network_learns_poses_shifts_and_amplitudes(tmp_path):
 
     star = make_toy_particles(tmp_path / "data", n=1500, box=64, snr=2.0, seed=8, max_angle_deg=90)
     s = TrainSettings.from_config({"seed": 0, "network": dict(
-        arch="resnet10", epochs=6, batch_size=32, lr=1e-3, warmup_epochs=1, val_fraction=0.1, num_workers=1,
+        recipe="fast", arch="resnet10", epochs=6, batch_size=32, lr=1e-3, warmup_epochs=1, val_fraction=0.1, num_workers=1,
         device="cpu", engine="single")})
     assert s.mode == "joint" and s.dropout == 0.0  # the fast recipe's defaults
     r = train(star, tmp_path / "net", s)

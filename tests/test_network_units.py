@@ -241,20 +241,22 @@ def test_recipes_and_lr_schedules():
     spe = 10
     f = [lr_factor(s, 400 * spe, 0, paper, spe) for s in (0, 80 * spe - 1, 80 * spe, 160 * spe, 399 * spe)]
     assert f == pytest.approx([1, 1, 0.1, 0.01, 1e-4])
-    fast = TrainSettings.from_config({"seed": 1})
+    fast = TrainSettings.from_config({"seed": 1, "network": {"recipe": "fast"}})
     total, warm = fast.epochs * spe, fast.warmup_epochs * spe
     assert lr_factor(0, total, warm, fast, spe) == pytest.approx(1 / warm)
     assert lr_factor(warm - 1, total, warm, fast, spe) == pytest.approx(1)
     assert lr_factor(total - 1, total, warm, fast, spe) == pytest.approx(fast.min_lr_ratio, abs=1e-3)
     assert TrainSettings.from_config({"network": {"recipe": "paper", "lr": 3e-4}}).lr == 3e-4  # explicit beats the recipe
-    assert set(RECIPES) == {"fast", "paper"}
+    assert set(RECIPES) == {"grid", "fast", "paper"}
 
 
 def test_schema_defaults_resolve():
     from deephemnma.core.config import defaults
 
     s = TrainSettings.from_config({**defaults(), "seed": 7})
-    assert s.seed == 7 and s.recipe == "fast" and s.mode == "joint" and s.arch == "resnet34"
+    assert s.seed == 7 and s.recipe == "grid" and s.formulation == "posegrid" and s.arch == "convnet"
+    fast = TrainSettings.from_config({**defaults(), "network": {"recipe": "fast"}})
+    assert fast.mode == "joint" and fast.arch == "resnet34" and fast.hidden == [1000, 512, 128]
 
 
 # ----------------------------------------------------------------------------- input errors

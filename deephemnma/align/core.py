@@ -137,7 +137,7 @@ class Aligner:
                          max_iter=self.iterations[li], xtol=s.xtol)
             evaluations += res.evaluations
             keep = self.candidates[li + 1] if li + 1 < len(self.levels) else 1
-            sel = _best_per_particle(part, res.score, keep)
+            sel = best_per_particle(part, res.score, keep)
             part, R, origins, amps = part[sel], res.rotations[sel], res.origins[sel], res.amplitudes[sel]
             res_sel = sel
         assert res is not None
@@ -165,7 +165,7 @@ def _per_level(values, n: int) -> list[int]:
     return [int(v[min(i, len(v) - 1)]) for i in range(n)]
 
 
-def _best_per_particle(part: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+def best_per_particle(part: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
     """Indices of the ``keep`` best-scoring problems of each particle."""
     order = np.lexsort((-score, part))
     ps = part[order]

@@ -210,7 +210,7 @@ def align_star(particles, modes_path, out, settings: AlignSettings | None = None
         new += 1
         bar.update(batches[b][1] - batches[b][0])
     bar.close()
-    result = _assemble(star, model, done, batches)
+    result = assemble_results(star, model, done, batches)
     summary = _summary(result, n, len(batches), new, t0, threads, model, modes, polarity)
     _check_flagged(summary, settings, star.path, polarity)
     # written atomically; relative image paths rebased to resolve from the output's directory
@@ -291,7 +291,8 @@ def _check_flagged(summary: dict, settings: AlignSettings, source, polarity: dic
                              "the box and centring, the reference and the defocus sign")
 
 
-def _assemble(star: S.StarData, model: ElasticModel, done: dict, batches: list) -> pd.DataFrame:
+def assemble_results(star: S.StarData, model: ElasticModel, done: dict, batches: list) -> pd.DataFrame:
+    """The input table with the batches' results as HEMNMA's columns (pose, amplitudes, score, flags)."""
     p = star.particles.copy()
     n = len(p)
     M = model.n_modes

@@ -18,6 +18,9 @@ EXAMPLES = ["deephemnma merge --particles align/chunk_0000.star align/chunk_0001
 def add_arguments(p) -> None:
     p.add_argument("--particles", nargs="+", required=True, metavar="STAR", help="STAR files, in order")
     p.add_argument("--out", required=True, metavar="STAR", help="output STAR file")
+    p.add_argument("--summary", metavar="JSON",
+                   help="also merge the inputs' summaries (the JSON beside each STAR, e.g. predict's): counts and "
+                        "seconds summed, fractions recomputed")
 
 
 def default_log(args) -> Path:
@@ -29,5 +32,9 @@ def run(args, config: dict) -> int:
     from ..core.star import concat_stars
 
     star = concat_stars([require_file(p, "STAR file") for p in args.particles], args.out)
+    if args.summary:
+        from ..core.fileio import atomic_write_json, merge_summaries
+
+        atomic_write_json(args.summary, merge_summaries([Path(p).with_suffix(".json") for p in args.particles]))
     print(f"{len(star.particles)} particles from {len(args.particles)} files → {args.out}")
     return 0

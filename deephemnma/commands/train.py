@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--particles", nargs="+", required=True, metavar="STAR",
                    help="STAR file(s) of the training particles with HEMNMA labels")
     p.add_argument("--val", nargs="+", metavar="STAR", help="validation STAR file(s) (default: split off by particle)")
+    p.add_argument("--modes", metavar="NPZ",
+                   help="the modes file of the labels (deephemnma nma): the grid recipe renders particles through it; "
+                        "the others report the deformation RMSD of their test particles with it")
     p.add_argument("--outdir", required=True, metavar="DIR", help="output directory (checkpoints, metrics, plots)")
     p.add_argument("--data-dir", metavar="DIR", help="directory against which image paths are resolved")
     p.add_argument("--original-pixel-size", type=float, metavar="A",
@@ -87,6 +90,6 @@ def run(args, config: dict) -> int:
     settings = TrainSettings.from_config(config)
     result = train(args.particles, args.outdir, settings, val_particles=args.val, data_dir=args.data_dir,
                    resume=False if args.no_resume else {"yes": True, "auto": "auto", "no": False}[args.resume],
-                   original_pixel_size=args.original_pixel_size)
+                   original_pixel_size=args.original_pixel_size, modes=args.modes)
     result.engine.close()
     return 0

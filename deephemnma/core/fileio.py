@@ -91,3 +91,24 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     if not p.is_file():
         raise InputError(p, f"{what} is not a regular file")
     return p
+
+
+def merge_summaries(paths) -> dict:
+    """One summary of per-chunk JSON summaries (those that exist): numbers summed (particles,
+    counts, seconds), ``*_fraction`` recomputed from the matching count over ``particles``,
+    ``*_per_particle`` from the sums; other values kept from the first; ``chunks`` counted."""
+    docs = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
+    out: dict = {"chunks": len(docs)}
+    for d in docs:
+        for k, v in d.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_fraction", "_per_particle")):
+                out[k] = out.get(k, 0) + v
+            elif k not in out:
+                out[k] = v
+    n = out.get("particles") or 0
+    for k in list(out):
+        if k.endswith("_fraction") and k[: -len("_fraction")] in out and n:
+            out[k] = out[k[: -len("_fraction")]] / n
+        if k == "seconds_per_particle" and n:
+            out[k] = out.get("seconds", 0) / n
+    return out

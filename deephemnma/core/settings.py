@@ -79,7 +79,7 @@ def schema_settings(section: str, keys: dict[str, str] | None = None):
 def _from_config(cls, config: dict | None = None, **overrides):
     """Settings from a whole configuration (validated here, so a partial one takes the
     schema's defaults); ``overrides`` replace fields afterwards."""
-    config = validate_config(config or {}, "config") if not _is_validated(config) else config
+    config = validate_config(config or {}, "config")  # fills what a partial configuration leaves out
     section = lookup(config, cls.SECTION)
     values = {name: copy.deepcopy(lookup(section, path)) for name, path in cls.KEYS.items()}
     if "seed" in {f.name for f in dataclasses.fields(cls)} and values.get("seed", None) is None:
@@ -92,10 +92,6 @@ def _from_config(cls, config: dict | None = None, **overrides):
     if hasattr(out, "validate"):
         out.validate()
     return out
-
-
-def _is_validated(config) -> bool:
-    return isinstance(config, dict) and "seed" in config and "workflow" in config and "landscape" in config
 
 
 def _as_dict(self) -> dict:

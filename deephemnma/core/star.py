@@ -172,6 +172,7 @@ FLAG_JUNK = 2           #: alignment: the score is not significant against noise
 FLAG_BAD_IMAGE = 4      #: empty (constant), NaN or unreadable image: not aligned
 FLAG_AT_BOUND = 8       #: alignment: an amplitude reached its bound
 FLAG_OUTLIER = 16       #: Mahalanobis outlier of the amplitude distribution (deephemnma filter)
+FLAG_FALLBACK = 32      #: prediction: the refined network answer scored low; full HEMNMA was run instead
 
 _AMPLITUDE_RE = re.compile(rf"^{AMPLITUDE_PREFIX}(\d{{3}})$")
 _PC_RE = re.compile(rf"^{PC_PREFIX}(\d+)$")

@@ -134,15 +134,32 @@ def check_compatible(state: dict, box: int, pixel_size: float, path) -> None:
                          "original images as well)")
 
 
+def _checkpoint_id(path) -> str:
+    """Identifies a checkpoint's content (for resumable prediction): size and modification time."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, out: str | os.PathLike, *,
                  data_dir=None, batch_size: int = 256, num_workers: int | None = None, device: str = "auto",
-                 amp: bool | None = None) -> dict:
-    """Predict the particles of one STAR file and write ``out`` (atomic). Returns timing figures."""
+                 amp: bool | None = None, modes=None, amortise: dict | None = None) -> dict:
+    """Predict the particles of one STAR file and write ``out`` (atomic). Returns timing figures.
+    Grid checkpoints (the default recipe) need the ``modes`` file and ``amortise``: the keyword
+    arguments of :func:`.amortise.amortise_star` (refinement and fallback settings)."""
     from ..core.star import write_star
     from .data import load_particles
 
     state = load_checkpoint(checkpoint)
     dev = pick_device(device, setting="--device")
+    if state.get("task") == "posegrid":
+        from .amortise import amortise_star
+
+        if modes is None:
+            raise InputError(checkpoint, "a grid checkpoint's predictions are refined through the reference: give "
+                                         "the modes file (--modes)")
+        kw = dict(amortise or {})
+        return amortise_star(state, particles, out, modes, kw.pop("align_settings"), data_dir=data_dir, device=dev,
+                             checkpoint_id=_checkpoint_id(checkpoint), **kw)
     model, codec = build_from_checkpoint(state, dev)
     ps = load_particles(particles, data_dir, labels=False)
     check_compatible(state, ps.box, ps.pixel_size, particles)

@@ -205,3 +205,46 @@ def mean_prediction_baseline(train_raw: dict[str, np.ndarray], eval_raw: dict[st
             "angles": np.broadcast_to(geometry.quaternion_to_euler(qm), (n, 3)),
             "shifts": np.broadcast_to(train_raw["shifts"].mean(0), (n, 2))}
     return {k: float(v.mean()) for k, v in particle_errors(pred, eval_raw).items()}
+
+
+#: the paper's angle metric for a constant or random orientation (uniform rotations)
+CHANCE_ANGLE_DEG = 90.0
+
+
+def test_block(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], train: dict[str, np.ndarray],
+               modes=None) -> dict:
+    """The errors on held-out test particles, next to predicting the training mean and to
+    chance, with a verdict in words. ``pred``/``truth``/``train`` as :meth:`TargetCodec.decode`
+    / :meth:`TargetCodec.raw_labels`; ``modes`` (M, N, 3) the mode vectors of the amplitudes
+    (adds the deformation RMSD in Å, which does not depend on how modes are normalised)."""
+    from ..core.modes import amplitudes_to_rmsd
+
+    n = len(truth["angles"])
+    err = particle_errors(pred, truth)
+    mean_pred = {"amplitudes": np.broadcast_to(train["amplitudes"].mean(0), truth["amplitudes"].shape),
+                 "angles": pred["angles"], "shifts": np.broadcast_to(train["shifts"].mean(0), (n, 2))}
+    base = mean_prediction_baseline(train, truth)
+    errors = {"angle_deg": float(err["angle"].mean()), "angle_deg_median": float(np.median(err["angle"])),
+              "fraction_over_30deg": float((err["angle"] > 30).mean()), "shift_A": float(err["shift"].mean()),
+              "amplitude": float(err["amplitude"].mean())}
+    baseline = {"angle_deg": base["angle"], "shift_A": base["shift"], "amplitude": base["amplitude"]}
+    if modes is not None and truth["amplitudes"].shape[-1]:
+        V = np.asarray(modes, np.float64)
+        errors["rmsd_A"] = float(amplitudes_to_rmsd(pred["amplitudes"] - truth["amplitudes"], V).mean())
+        baseline["rmsd_A"] = float(amplitudes_to_rmsd(mean_pred["amplitudes"] - truth["amplitudes"], V).mean())
+    return {"n": int(n), "errors": errors, "baseline": baseline, "chance": {"angle_deg": CHANCE_ANGLE_DEG},
+            "verdict": verdict(errors, baseline)}
+
+
+def verdict(errors: dict, baseline: dict) -> str:
+    """One sentence on what the network's test errors mean."""
+    a = errors["angle_deg"]
+    if a > 0.8 * CHANCE_ANGLE_DEG:
+        return (f"the network predicts orientations at chance ({a:.0f}°; chance ~{CHANCE_ANGLE_DEG:.0f}°): its "
+                "answers for image set 2 are noise unless refined")
+    parts = [f"orientation error {a:.1f}° (chance ~{CHANCE_ANGLE_DEG:.0f}°)"]
+    if "rmsd_A" in errors:
+        ratio = errors["rmsd_A"] / max(baseline["rmsd_A"], 1e-12)
+        parts.append(f"deformation RMSD {errors['rmsd_A']:.2f} Å = {100 * ratio:.0f} % of predicting the mean "
+                     f"conformation" + (" (no better than the mean)" if ratio > 0.9 else ""))
+    return "; ".join(parts)

@@ -37,6 +37,7 @@ rule train:
     input:
         star=f"{R['filter']}/kept.star",
         manifest=f"{R['preprocess']}/preprocess.json",
+        modes=f"{R['nma']}/modes.npz",
         cfg=stage_config("train"),
     output:
         best=f"{R['train']}/best.pt",
@@ -58,25 +59,28 @@ rule train:
     shell:
         # the log file goes by environment variable: launchers (horovodrun, torchrun) take
         # `--log…` options after the command for their own
-        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --outdir {R[train]} "
+        "DEEPHEMNMA_LOG={log} {params.launch} train --particles {input.star} --modes {input.modes} --outdir {R[train]} "
         "--config {input.cfg} --threads {threads} --resume auto"
 
 
 rule predict:
-    """Network predictions for one shard of image set 2."""
+    """Network predictions for one shard of image set 2, refined by HEMNMA (network.refine)."""
     input:
         star=f"{R['preprocess']}/set2/{{chunk}}.star",
         ckpt=f"{R['train']}/best.pt",
+        modes=f"{R['nma']}/modes.npz",
+        scores=f"{R['filter']}/kept.star",
         cfg=stage_config("predict"),
     output:
-        f"{R['predict']}/{{chunk}}.star",
+        star=f"{R['predict']}/{{chunk}}.star",
+        summary=f"{R['predict']}/{{chunk}}.json",
     wildcard_constraints:
         chunk=r"chunk_\d+",
     log:
         log_of("predict/{chunk}"),
     benchmark:
         bench_of("predict/{chunk}")
-    threads: 2
+    threads: 1  # on CPU one thread per shard (same bytes on any machine); shards run in parallel
     resources:
         mem_mb=4000,
         runtime=60,
@@ -84,8 +88,8 @@ rule predict:
     conda:
         "../../envs/torch-gpu.yaml"
     shell:
-        "{DH} predict --checkpoint {input.ckpt} --particles {input.star} --out {output} --config {input.cfg} "
-        "--threads {threads} --log {log}"
+        "{DH} predict --checkpoint {input.ckpt} --modes {input.modes} --reference-scores {input.scores} "
+        "--particles {input.star} --out {output.star} --config {input.cfg} --threads {threads} --log {log}"
 
 
 rule merge_predict:
@@ -93,10 +97,11 @@ rule merge_predict:
     input:
         expand(f"{R['predict']}/{{chunk}}.star", chunk=SET2),
     output:
-        f"{R['predict']}/predicted.star",
+        star=f"{R['predict']}/predicted.star",
+        summary=f"{R['predict']}/summary.json",
     log:
         log_of("merge_predict"),
     conda:
         "../../envs/core.yaml"
     shell:
-        "{DH} merge --particles {input} --out {output} --log {log}"
+        "{DH} merge --particles {input} --out {output.star} --summary {output.summary} --log {log}"
