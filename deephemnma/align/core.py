@@ -114,37 +114,41 @@ class Aligner:
 
     def align(self, images: np.ndarray, ctf: CTFParams | None, ctf_mode) -> BatchResult:
         """Align images (B, D, D) (float32) with their CTF parameters and CTF mode(s)."""
-        s = self.settings
         B = len(images)
-        img = torch.as_tensor(np.asarray(images, dtype=np.float32))
-        F = torch.fft.rfft2(img)
+        F = torch.fft.rfft2(torch.as_tensor(np.asarray(images, dtype=np.float32)))
         # ---- global search
         lv = self.search_level
         data = LevelData.build(F, ctf_for_level(ctf, ctf_mode, lv, B), lv)
-        K0 = self.candidates[0]
-        cand = self.bank.search(data, self.max_shift, K0)
+        cand = self.bank.search(data, self.max_shift, self.candidates[0])
         part = np.concatenate([np.full(int(cand.n[b]), b) for b in range(B)]).astype(np.int64)
         slot = np.concatenate([np.arange(int(cand.n[b])) for b in range(B)]).astype(np.int64)
         R = geometry.euler_to_matrix(cand.euler[part, slot])
-        origins = cand.origins[part, slot]
-        amps = cand.amplitudes[part, slot]
-        evaluations = 0
+        res = self.refine_hypotheses(F, ctf, ctf_mode, part, R, cand.origins[part, slot], cand.amplitudes[part, slot])
+        res.zscore, res.search_score = cand.zscore, cand.score[:, 0]
+        return res
+
+    def refine_hypotheses(self, F: torch.Tensor, ctf, ctf_mode, part: np.ndarray, R: np.ndarray, origins: np.ndarray,
+                          amps: np.ndarray, keep: list | None = None) -> BatchResult:
+        """Refine hypotheses (rotations (H,3,3), origins (H,2) Å, amplitudes (H,M); ``part``
+        (H,) the image of each) of the images whose transforms are ``F`` (B, D, D//2+1), coarse
+        to fine over the levels, keeping the ``keep[i]`` best per particle after level i
+        (default: the next level's candidates; 1 after the last); the best per particle.
+        ``zscore`` and ``search_score`` of the result are NaN (no search)."""
+        B = F.shape[0]
+        evaluations, res, data, sel = 0, None, None, None
         shift_bound = self.max_shift + 2 * self.search_level.pixel_size
-        res = None
         for li, lv in enumerate(self.levels):
             data = LevelData.build(F, ctf_for_level(ctf, ctf_mode, lv, B), lv)
             res = refine(self.models[lv.box], data, part, R, origins, amps, self.amp_bound, shift_bound,
-                         max_iter=self.iterations[li], xtol=s.xtol)
+                         max_iter=self.iterations[li], xtol=self.settings.xtol)
             evaluations += res.evaluations
-            keep = self.candidates[li + 1] if li + 1 < len(self.levels) else 1
-            sel = best_per_particle(part, res.score, keep)
+            k = keep[li] if keep is not None and li < len(keep) else \
+                (self.candidates[li + 1] if li + 1 < len(self.levels) else 1)
+            sel = best_per_particle(part, res.score, int(k))
             part, R, origins, amps = part[sel], res.rotations[sel], res.origins[sel], res.amplitudes[sel]
-            res_sel = sel
-        assert res is not None
         # one problem per particle now, in particle order
         order = np.argsort(part, kind="stable")
-        part, R, origins, amps = part[order], R[order], origins[order], amps[order]
-        final = res_sel[order]
+        part, R, origins, amps, final = part[order], R[order], origins[order], amps[order], sel[order]
         bound = np.abs(amps) >= 0.999 * self.amp_bound[None, :]
         lv = self.levels[-1]
         with torch.no_grad():
@@ -152,10 +156,11 @@ class Aligner:
                                             torch.as_tensor(origins / lv.pixel_size, dtype=torch.float32),
                                             torch.as_tensor(amps, dtype=torch.float32), lv.box, lv.pixel_size, lv.blur)
             sig = data.significance(P, torch.as_tensor(part)).double().numpy()
+        nan = np.full(B, np.nan)
         return BatchResult(
             euler=geometry.matrix_to_euler(R), origins=origins, amplitudes=amps, score=res.score[final],
-            converged=res.converged[final], at_bound=bound.any(1), significance=sig, zscore=cand.zscore,
-            search_score=cand.score[:, 0], iterations=res.iterations[final], evaluations=evaluations)
+            converged=res.converged[final], at_bound=bound.any(1), significance=sig, zscore=nan,
+            search_score=nan, iterations=res.iterations[final], evaluations=evaluations)
 
 
 def _per_level(values, n: int) -> list[int]:

@@ -158,6 +158,8 @@ SCORE = "dhnmaScore"
 CONVERGED = "dhnmaConverged"
 FLAG = "dhnmaFlag"
 GROUP = "dhnmaGroup"
+#: image set of each particle in a landscape: 1 HEMNMA (image set 1), 2 network prediction (image set 2)
+SOURCE = "dhnmaSource"
 #: written by ``deephemnma preprocess``: each particle's input ``rlnImageName`` (verbatim; the
 #: key of ground-truth tables) and the pixel size of those original images
 ORIGINAL_IMAGE_NAME = "dhnmaOriginalImageName"

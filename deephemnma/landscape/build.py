@@ -10,12 +10,13 @@ from ..core.errors import ConfigError, InputError
 from ..core.features import column_matrix, feature_matrix
 from ..core.logs import get_logger
 from ..core.settings import schema_settings
+from ..core.star import SOURCE
 from .methods import get_method
 
 log = get_logger(__name__)
 
 SPECTRAL_PREFIX = "dhnmaSpectral"
-SOURCE_COLUMN = "dhnmaSource"  # 1 = HEMNMA (image set 1), 2 = network prediction (image set 2)
+SOURCE_COLUMN = SOURCE  # 1 = HEMNMA (image set 1), 2 = network prediction (image set 2)
 SOURCE_HEMNMA, SOURCE_NETWORK = 1, 2
 
 

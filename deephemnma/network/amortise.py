@@ -60,18 +60,10 @@ def posenet_from_checkpoint(state: dict, device="cpu") -> PoseNet:
 def network_answers(net: PoseNet, images: np.ndarray, turns: int, hypotheses: int, device) -> dict:
     """Per particle: ``rotations`` (B, P, 3, 3) the distribution's best distinct peaks,
     ``probability`` (B, P), ``origins`` (B, 2) Å, ``amplitudes`` (B, M), ``confidence`` (B,)."""
-    x = torch.as_tensor(images, dtype=torch.float32, device=device)[:, None]
-    if turns > 1:
-        out = net.turned_outputs(x, turns)
-        logits = out["log_probs"]
-    else:
-        out = net(x)
-        logits = out["pose_logits"]
-    R, prob = distribution_peaks(net.grid, logits, hypotheses)
+    a = net.answers(torch.as_tensor(images, dtype=torch.float32, device=device)[:, None], turns)
+    R, prob = distribution_peaks(net.grid, a["logits"], hypotheses)
     return {"rotations": R.double().cpu().numpy(), "probability": prob.double().cpu().numpy(),
-            "origins": (out["shifts"] * net.shift_scale).double().cpu().numpy(),
-            "amplitudes": (out["amplitudes"] * net.amp_std + net.amp_mean).double().cpu().numpy(),
-            "confidence": torch.softmax(logits.float(), 1).max(1).values.double().cpu().numpy()}
+            **{k: a[k].double().cpu().numpy() for k in ("origins", "amplitudes", "confidence")}}
 
 
 class Amortiser:

@@ -145,20 +145,28 @@ class PoseNet(nn.Module):
         return {k: v / max(turns, 1) for k, v in acc.items()}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, decode: str = "local", k: int | None = None, turns: int = 1) -> dict[str, torch.Tensor]:
-        """Physical answers: rotations (B,3,3), amplitudes (B,M), origins (B,2) Å, and the
-        pose distribution's maximum probability (a confidence). ``turns`` > 1 averages the pose
-        distribution, amplitudes and shifts over quarter turns of the image (:meth:`turned_outputs`)."""
+    def answers(self, x: torch.Tensor, turns: int = 1) -> dict[str, torch.Tensor]:
+        """The network's raw answer in physical units: ``logits`` (B, n_grid) of the pose
+        distribution (log-probabilities averaged over ``turns`` quarter turns when > 1,
+        :meth:`turned_outputs`), ``amplitudes`` (B, M), ``origins`` (B, 2) Å, ``confidence``
+        (the distribution's largest probability)."""
         if turns > 1:
             out = self.turned_outputs(x, turns)
             logits = out["log_probs"]
         else:
             out = self(x)
             logits = out["pose_logits"]
-        return {"rotations": self.grid.decode(logits, decode, k),
-                "amplitudes": out["amplitudes"] * self.amp_std + self.amp_mean,
+        return {"logits": logits, "amplitudes": out["amplitudes"] * self.amp_std + self.amp_mean,
                 "origins": out["shifts"] * self.shift_scale,
-                "confidence": torch.softmax(logits, 1).max(1).values}
+                "confidence": torch.softmax(logits.float(), 1).max(1).values}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, decode: str = "local", k: int | None = None, turns: int = 1) -> dict[str, torch.Tensor]:
+        """Physical answers: rotations (B,3,3) decoded from the distribution, amplitudes (B,M),
+        origins (B,2) Å and the confidence (:meth:`answers`)."""
+        a = self.answers(x, turns)
+        return {"rotations": self.grid.decode(a["logits"], decode, k), "amplitudes": a["amplitudes"],
+                "origins": a["origins"], "confidence": a["confidence"]}
 
 
 def loss_terms(net: PoseNet, out: dict, batch: dict, sigma_deg: float, smoothing: float = 0.0) -> dict[str, torch.Tensor]:

@@ -17,10 +17,7 @@ import math
 import numpy as np
 import torch
 
-from ..core import geometry
-from ..align.core import Aligner, BatchResult, best_per_particle
-from ..align.levels import LevelData, ctf_for_level
-from ..align.refine import refine
+from ..align.core import Aligner, BatchResult
 from .so3 import SO3Grid, geodesic_cos
 
 
@@ -47,38 +44,8 @@ def polish(aligner: Aligner, images: np.ndarray, ctf, ctf_mode, rotations: np.nd
            amplitudes: np.ndarray, particle: np.ndarray | None = None, keep: list | None = None) -> BatchResult:
     """Refine hypotheses (rotations (H,3,3), origins (H,2) Å, amplitudes (H,M); ``particle``
     (H,) index of each hypothesis' image, default one per image) of images (B, D, D) through
-    the aligner's levels; keep the best per particle. ``keep[i]``: hypotheses per particle
-    kept after level i (default: the aligner's candidates of the next level; 1 after the last).
-    ``search_score``/``zscore`` are NaN."""
-    s = aligner.settings
-    B = len(images)
-    img = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    F = torch.fft.rfft2(img)
-    part = np.arange(B) if particle is None else np.asarray(particle, dtype=np.int64)
-    R, o, q = np.asarray(rotations, float), np.asarray(origins, float), np.asarray(amplitudes, float)
-    shift_bound = aligner.max_shift + 2 * aligner.search_level.pixel_size
-    evaluations, res, sel = 0, None, None
-    for li, lv in enumerate(aligner.levels):
-        data = LevelData.build(F, ctf_for_level(ctf, ctf_mode, lv, B), lv)
-        res = refine(aligner.models[lv.box], data, part, R, o, q, aligner.amp_bound, shift_bound,
-                     max_iter=aligner.iterations[li], xtol=s.xtol)
-        evaluations += res.evaluations
-        if keep is not None and li < len(keep):
-            k = int(keep[li])
-        else:
-            k = aligner.candidates[li + 1] if li + 1 < len(aligner.levels) else 1
-        sel = best_per_particle(part, res.score, k)
-        part, R, o, q = part[sel], res.rotations[sel], res.origins[sel], res.amplitudes[sel]
-    order = np.argsort(part, kind="stable")
-    part, R, o, q, final = part[order], R[order], o[order], q[order], sel[order]
-    lv = aligner.levels[-1]
-    with torch.no_grad():
-        P = aligner.models[lv.box].project(torch.as_tensor(R, dtype=torch.float32),
-                                           torch.as_tensor(o / lv.pixel_size, dtype=torch.float32),
-                                           torch.as_tensor(q, dtype=torch.float32), lv.box, lv.pixel_size, lv.blur)
-        sig = data.significance(P, torch.as_tensor(part)).double().numpy()
-    bound = np.abs(q) >= 0.999 * aligner.amp_bound[None, :]
-    nan = np.full(B, np.nan)
-    return BatchResult(euler=geometry.matrix_to_euler(R), origins=o, amplitudes=q, score=res.score[final],
-                       converged=res.converged[final], at_bound=bound.any(1), significance=sig, zscore=nan,
-                       search_score=nan, iterations=res.iterations[final], evaluations=evaluations)
+    the aligner's levels (:meth:`Aligner.refine_hypotheses`); keep the best per particle."""
+    F = torch.fft.rfft2(torch.as_tensor(np.asarray(images, dtype=np.float32)))
+    part = np.arange(len(images)) if particle is None else np.asarray(particle, dtype=np.int64)
+    return aligner.refine_hypotheses(F, ctf, ctf_mode, part, np.asarray(rotations, float), np.asarray(origins, float),
+                                     np.asarray(amplitudes, float), keep)

@@ -19,12 +19,9 @@ import numpy as np
 import pandas as pd
 
 from ..core.selection import landscape_fingerprint
-from ..core.star import CONVERGED, FLAG, GROUP, IMAGE_NAME, PC_PREFIX, SCORE
+from ..core.star import CONVERGED, FLAG, GROUP, IMAGE_NAME, PC_PREFIX, SCORE, SOURCE
 from .readers import FLAG_BITS
 
-#: image set of each particle (1 HEMNMA, 2 network), written by the landscape stage
-#: (deephemnma.landscape.build.SOURCE_COLUMN)
-SOURCE = "dhnmaSource"
 #: landscape coordinates: dhnmaPC1 … (any method), dhnmaSpectral1 … (spectral with compare)
 COORD_PREFIXES = (PC_PREFIX, "dhnmaSpectral")
 SOURCE_LABELS = {1: "image set 1 (HEMNMA)", 2: "image set 2 (network)"}

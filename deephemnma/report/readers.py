@@ -19,7 +19,8 @@ the stage's figure is not available (file absent, or written before the stage re
   ``val_amplitude_mae``) with ``mean_prediction_baseline`` {``angle``, ``shift``,
   ``amplitude``}. Chance for the angle is 90° (a constant or random orientation) unless given;
 - ``predict/summary.json``: ``refinement`` = {``mode``, ``n``, ``fallback``,
-  ``fallback_fraction``}; else the per-shard records ``predict/chunk_NNNN.json``
+  ``fallback_fraction``}, or the merged shard summaries (``refine``, ``particles``,
+  ``fallback``, ``fallback_fraction``); else the per-shard records ``predict/chunk_NNNN.json``
   (``particles``, ``refine``, ``fallback``) summed;
 - ``maps/group_NN/summary.json``: ``resolution_fsc0143``, ``resolution_fsc05``,
   ``resolution_unmasked_fsc0143``, ``resolution_unmasked_fsc05``, ``n_particles``, ``sign``
@@ -35,12 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import star as _star
-from ..core.star import FLAG, FLAG_AT_BOUND, FLAG_BAD_IMAGE, FLAG_JUNK, FLAG_NOT_CONVERGED, FLAG_OUTLIER
+from ..core.star import FLAG, FLAG_AT_BOUND, FLAG_BAD_IMAGE, FLAG_FALLBACK, FLAG_JUNK, FLAG_NOT_CONVERGED, FLAG_OUTLIER
 
-#: a prediction whose refined score stayed low, aligned by full HEMNMA instead (network.refine:
-#: fallback; core.star.FLAG_FALLBACK, which issue 16 adds: 32 until it is there)
-FLAG_FALLBACK = getattr(_star, "FLAG_FALLBACK", 32)
 #: ``_dhnmaFlag`` bits and their names (deephemnma.core.star FLAG_*)
 FLAG_BITS = {FLAG_NOT_CONVERGED: "not converged", FLAG_JUNK: "junk", FLAG_BAD_IMAGE: "bad image",
              FLAG_AT_BOUND: "amplitude at bound", FLAG_OUTLIER: "outlier", FLAG_FALLBACK: "fell back to HEMNMA"}
@@ -169,6 +166,9 @@ def refinement(res) -> dict | None:
     predict/summary.json's ``refinement`` block, else the per-shard records."""
     s = res.json(PREDICT)
     r = s.get("refinement") if isinstance(s, dict) else None
+    if not isinstance(r, dict) and isinstance(s, dict) and "refine" in s:  # the merged shard summaries (merge --summary)
+        r = {"mode": s["refine"], "n": s.get("particles"), "fallback": s.get("fallback"),
+             "fallback_fraction": s.get("fallback_fraction")}
     r = r if isinstance(r, dict) else _shard_refinement(res)
     if r is None:
         return None

@@ -1,0 +1,204 @@
+"""Network accuracy (issue 16): HEMNMA, the network alone and the network + refinement on the
+same held-out particles, made by ``deephemnma simulate`` (voxel densities with Peng scattering
+factors — never the Gaussian renderer the network trains on).
+
+The data: the paper's adenylate-kinase recipe (helix of amplitudes on modes 7–9, uniform
+orientations, ±5 px shifts, 200 kV, Cs 2 mm, 0.5 µm underfocus, SNR 0.1) at 128² and
+0.65 Å/px, preprocessed to 64² at 1.3 Å/px (``--gpu``: 256² at 0.325 Å → 128², the paper's
+sizes). Image set 1 (``--n-set1``, ≥ 5,000) is aligned by HEMNMA and trains the network;
+image set 2 (``--n-test``, 2,000) is the test: no stage that trains or chooses sees it.
+
+One snakemake run of the workflow (bench config written to the work folder) does simulate →
+preprocess → HEMNMA on set 1 → filter → train (recipe grid, ``--train-cpu-hours`` of
+training) → predict set 2 with refinement (network.refine: fallback). Then, on the same
+set-2 particles: the network alone (``deephemnma predict --set network.refine=none``), and
+HEMNMA itself (``deephemnma align`` on every set-2 chunk). Each is compared with the ground
+truth (``deephemnma evaluate``): the paper's angle metric (chance ~90°), shift error per axis
+(Å) and the deformation RMSD (Å), next to predicting the mean conformation; with CPU-seconds
+per particle and the training's CPU-hours, and the learning curves (network/metrics.csv).
+
+    python bench/bench_network_accuracy.py                         # CPU: ≥ 5,000 + 2,000, ≤ 4 CPU-h of training
+    python bench/bench_network_accuracy.py --n-set1 600 --n-test 200 --train-cpu-hours 0.1   # smoke test
+    python bench/bench_network_accuracy.py --gpu                   # 128², the paper's split, on a GPU
+
+Writes bench/results/network_accuracy.json (or network_accuracy_gpu.json) and the learning
+curves beside it. Resumable: the workflow and the extra steps skip what is done.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import write_result  # noqa: E402
+
+#: training throughput measured on this machine's cores (images per CPU-second, grid recipe,
+#: convnet width 16 at 32² input): sizes the number of steps to the CPU budget
+IMAGES_PER_CPU_S = 280.0
+
+
+def sh(cmd, **kw) -> float:
+    t0 = time.perf_counter()
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(list(map(str, cmd)), check=True, **kw)
+    return time.perf_counter() - t0
+
+
+def bench_config(args) -> dict:
+    gpu = args.gpu
+    steps = int(args.train_cpu_hours * 3600 * IMAGES_PER_CPU_S / 64) if not gpu else 20000
+    epochs = max(1, steps // 200)
+    return {
+        "outdir": "results", "seed": 0, "data": {"source": "simulate", "invert_contrast": False},
+        "reference": {"atoms": "heavy"}, "nma": {"n_select": 3},
+        "simulate": {"n_particles": args.n_set1 + args.n_test, "box": 256 if gpu else 128,
+                     "pixel_size": 0.325 if gpu else 0.65, "chunk_size": 500},
+        "preprocess": {"box": 128 if gpu else 64, "set1_size": args.n_set1, "chunk_size": 500},
+        "network": {"recipe": "grid", "epochs": epochs, "steps_per_epoch": 200, "batch_size": 64,
+                    **({"device": "cuda", "input_box": 64} if gpu else {})},
+        "landscape": {"groups": {"method": "bins", "n_bins": 10, "min_size": 100}},
+        "workflow": {"train_engine": "single", "train_ranks": 1, "evaluate": "always"},
+    }
+
+
+def cpu_seconds(tsv: Path) -> float:
+    """CPU seconds (user + system) of a Snakemake benchmark file."""
+    with open(tsv) as fh:
+        row = next(csv.DictReader(fh, delimiter="\t"))
+    return float(row.get("cpu_time") or 0.0)
+
+
+def run_workflow(work: Path, cfg_path: Path, cores: int) -> None:
+    targets = ["results/predict/predicted.star", "results/evaluate/hemnma/summary.json",
+               "results/network/summary.json"]
+    sh([sys.executable, "-m", "snakemake", "-s", REPO / "Snakefile", "--directory", work, "--cores", cores,
+        "--rerun-incomplete", *targets, "--configfile", cfg_path])
+
+
+def dh(*args, cwd=None) -> float:
+    return sh([sys.executable, "-m", "deephemnma", *map(str, args)], cwd=cwd)
+
+
+def network_alone(res: Path, chunks: list[str]) -> tuple[Path, float]:
+    out = res / "bench" / "network_alone"
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = 0.0
+    for c in chunks:
+        star = out / f"{c}.star"
+        if not star.exists():
+            seconds += dh("predict", "--checkpoint", res / "network/best.pt", "--modes", res / "nma/modes.npz",
+                          "--particles", res / f"preprocess/set2/{c}.star", "--out", star,
+                          "--set", "network.refine=none", "--set", "data.invert_contrast=false", "--threads", 1)
+    merged = out / "predicted.star"
+    dh("merge", "--particles", *[out / f"{c}.star" for c in chunks], "--out", merged)
+    return merged, seconds
+
+
+def hemnma_set2(res: Path, chunks: list[str]) -> tuple[Path, float]:
+    out = res / "bench" / "hemnma_set2"
+    out.mkdir(parents=True, exist_ok=True)
+    for c in chunks:
+        star = out / f"{c}.star"
+        if not star.exists():
+            dh("align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", res / "nma/modes.npz",
+               "--out", star, "--summary", out / f"{c}.json", "--config", res / "config/align.yaml", "--threads", 1)
+    seconds = sum(json.loads((out / f"{c}.json").read_text())["seconds"] for c in chunks)
+    merged = out / "hemnma.star"
+    dh("merge", "--particles", *[out / f"{c}.star" for c in chunks], "--out", merged)
+    return merged, seconds
+
+
+def evaluate(res: Path, star: Path, name: str) -> dict:
+    out = res / "bench" / f"evaluate_{name}"
+    dh("evaluate", "--particles", star, "--truth", res / "simulate/ground_truth.star", "--modes",
+       res / "nma/modes.npz", "--outdir", out)
+    s = json.loads((out / "summary.json").read_text())
+    return {"n": s["n"], "angle_deg": s["angle_err"]["mean"], "angle_deg_median": s["angle_err"]["median"],
+            "shift_A_per_axis": s["shift_err"]["mean"], "rmsd_A": s["rmsd_amp"]["mean"],
+            "rmsd_A_median": s["rmsd_amp"]["median"]}
+
+
+def mean_conformation_rmsd(res: Path) -> float:
+    """Deformation RMSD (Å) of predicting set 1's mean amplitudes for every set-2 particle."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.modes import amplitudes_to_rmsd, load_modes
+    from deephemnma.core.star import amplitude_columns, read_star
+    from deephemnma.evaluate import align_tables, load_ground_truth
+
+    ms = load_modes(res / "nma/modes.npz")
+    truth = load_ground_truth(res / "simulate/ground_truth.star")
+    set1 = read_star(res / "filter/kept.star").particles
+    set2 = read_star(res / "preprocess/set2.star").particles
+    _, t2 = align_tables(set2, truth)
+    cols = amplitude_columns(set1)
+    V = np.stack([ms.mode(int(c[-3:])) for c in cols])
+    dq = t2[cols].to_numpy(float) - set1[cols].to_numpy(float).mean(0)
+    return float(amplitudes_to_rmsd(dq, V).mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-set1", type=int, default=5000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--train-cpu-hours", type=float, default=3.5)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_network_accuracy")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--gpu", action="store_true", help="128² particles, the paper's split, training on the GPU")
+    args = ap.parse_args(argv)
+    if args.gpu and args.n_set1 == 5000:
+        args.n_set1, args.n_test = 20000, 2000
+    import yaml
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    cfg_path = args.work / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(bench_config(args)))
+    t0 = time.perf_counter()
+    run_workflow(args.work, cfg_path, args.cores)
+    res = args.work / "results"
+    chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
+    alone, alone_s = network_alone(res, chunks)
+    hem, hem_s = hemnma_set2(res, chunks)
+    bench = res / "benchmarks"
+    refine_s = sum(cpu_seconds(p) for p in (bench / "predict").glob("chunk_*.tsv"))
+    train_cpu_h = cpu_seconds(bench / "train.tsv") / 3600
+    figures = {
+        "network_alone": {**evaluate(res, alone, "alone"), "cpu_s_per_particle": None},
+        "network_refined": {**evaluate(res, res / "predict/predicted.star", "refined")},
+        "hemnma": {**evaluate(res, hem, "hemnma"), "cpu_s_per_particle_one_thread": None},
+        "mean_conformation_rmsd_A": mean_conformation_rmsd(res),
+        "chance_angle_deg": 90.0,
+        "training_cpu_hours": train_cpu_h,
+        "network_summary": json.loads((res / "network/summary.json").read_text()),
+        "refinement": json.loads((res / "predict/summary.json").read_text()),
+        "wall_seconds": time.perf_counter() - t0,
+        "config": bench_config(args),
+    }
+    n = figures["hemnma"]["n"]
+    figures["network_alone"]["cpu_s_per_particle"] = alone_s / max(n, 1)
+    figures["network_refined"]["cpu_s_per_particle"] = refine_s / max(n, 1)
+    figures["hemnma"]["cpu_s_per_particle_one_thread"] = hem_s / max(n, 1)
+    figures["throughput_ratio_vs_hemnma"] = (hem_s / max(refine_s, 1e-9))
+    name = "network_accuracy_gpu" if args.gpu else "network_accuracy"
+    curves = HERE / "results" / f"{name}_curves.png"
+    if (res / "network/curves.png").exists():
+        curves.write_bytes((res / "network/curves.png").read_bytes())
+    (HERE / "results" / f"{name}_metrics.csv").write_text((res / "network/metrics.csv").read_text())
+    write_result(name, figures, notes="set 2 is the held-out test set; errors against the simulation's ground truth")
+    print(json.dumps({k: figures[k] for k in ("network_alone", "network_refined", "hemnma",
+                                              "mean_conformation_rmsd_A", "training_cpu_hours")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
