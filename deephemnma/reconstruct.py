@@ -237,12 +237,20 @@ def mask_check(mask: np.ndarray, average: np.ndarray, envelope: np.ndarray | Non
     return out
 
 
-def map_sign(volume: np.ndarray, envelope: np.ndarray | None, source=None) -> dict:
+def map_sign(volume: np.ndarray, envelope: np.ndarray | None, source=None, voxel_size: float = 1.0,
+             resolution: float = 10.0) -> dict:
     """Is the map positive where the molecule is? With the reference's ``envelope``: the
-    correlation of the map with it; else the mean of the map in the central sphere (radius a
-    quarter of the box) against the rest. A negative map means an inverted contrast."""
+    correlation of the two, both low-passed to ``resolution`` Å (the sign is a low-resolution
+    question; unfiltered, a map of a few hundred particles is mostly noise); else the mean of
+    the map in the central sphere (radius a quarter of the box) against the rest. A negative
+    map means an inverted contrast."""
     if envelope is not None and envelope.std() > 0:
-        c = float(np.corrcoef(volume.ravel(), envelope.ravel())[0, 1])
+        from scipy import ndimage
+
+        sigma = max(resolution / voxel_size / (2 * np.pi) * np.sqrt(2 * np.log(2)) * 2, 0.5)
+        a = ndimage.gaussian_filter(np.asarray(volume, np.float64), sigma)
+        b = ndimage.gaussian_filter(np.asarray(envelope, np.float64), sigma)
+        c = float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
         out = {"correlation_with_reference": round(c, 4), "positive": c > 0}
     else:
         box = volume.shape[0]
@@ -426,7 +434,7 @@ def _reconstruct(star, settings, seed, data_dir, ignore_shifts, indices, pixel_s
                                "finish_seconds": round(seconds - t_loop, 3), "device": str(device),
                                "ignore_shifts": ignore_shifts, "images_negated": bool(invert),
                                "ctf_states": _state_counts(state), "mask": mask_info,
-                               "sign": map_sign(volume, envelope, source)})
+                               "sign": map_sign(volume, envelope, source, pix)})
     log.info("reconstructed %d particles in %.1f s: FSC 0.143 at %.2f Å, 0.5 at %.2f Å%s", n, seconds,
              rec.resolution_0143, rec.resolution_05, " (masked, corrected)" if mask is not None else "")
     return rec

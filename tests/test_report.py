@@ -200,7 +200,7 @@ def test_network_test_block_and_refinement(tmp_path):
     assert refinement_check(Results(tmp_path)).status == "info"
     (tmp_path / "predict" / "summary.json").unlink()  # only the per-shard records
     for k, (n, fb) in enumerate([(600, 30), (400, 70)]):
-        write_json(tmp_path / "predict" / f"chunk_{k:04d}.json", {"particles": n, "refine": "fallback", "fallback": fb})
+        write_json(tmp_path / "predict" / f"chunk_{k:04d}.json", {"particles": n, "fallback": fb, "settings": {"refine": "fallback"}})
     c = refinement_check(Results(tmp_path))
     assert c.status == "ok" and "10.0 % of 1,000 predicted particles" in c.text and "(fallback)" in c.text
 

@@ -133,5 +133,5 @@ def _envelope(reference, images, star, pixel_size, data_dir):
     ms = load_modes(reference)
     box = (images if images is not None else ParticleImages.from_star(star, data_dir)).box
     px = float(pixel_size) if pixel_size is not None else float(np.median(pixel_sizes(star)))
-    coords = ms.coords - ms.coords.mean(axis=0)  # the particle's centre: the atoms' mean (as simulate, align)
+    coords = ms.coords - ms.centre  # the point at the box centre (simulate, align: the mode file's centre)
     return atoms_to_volume(coords, box=box, pixel_size=px, weights=ms.weights, sigma=np.maximum(ms.sigma, px))

@@ -94,13 +94,16 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
 
 
 def merge_summaries(paths) -> dict:
-    """One summary of per-chunk JSON summaries (those that exist): numbers summed (particles,
-    counts, seconds), ``*_fraction`` recomputed from the matching count over ``particles``,
-    ``*_per_particle`` from the sums; other values kept from the first; ``chunks`` counted."""
+    """One summary of per-chunk JSON summaries (those that exist): top-level numbers summed
+    (particles, counts, seconds), ``*_fraction`` recomputed from the matching count over
+    ``particles``, ``*_per_particle`` from the sums, ``median_*`` dropped (not mergeable);
+    ``settings`` and other values kept from the first; ``chunks`` counted."""
     docs = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
     out: dict = {"chunks": len(docs)}
     for d in docs:
         for k, v in d.items():
+            if k.startswith("median_"):
+                continue
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_fraction", "_per_particle")):
                 out[k] = out.get(k, 0) + v
             elif k not in out:

@@ -198,11 +198,11 @@ def _amortise_star(state, particles, out, modes, align_settings, refine, hypothe
     S.write_star(out, result, star.optics, source=star.path, data_dir=data_dir)
     store.clear()
     seconds = time.perf_counter() - t0
-    summary = {"particles": n, "refine": refine, "hypotheses": hypotheses, "turns": turns,
-               "fallback_score": fallback_score, "fallback": int(cat["fallback"].sum()),
+    summary = {"particles": n, "fallback": int(cat["fallback"].sum()),
                "fallback_fraction": float(cat["fallback"].mean()) if n else 0.0,
-               "median_network_move_deg": float(np.median(cat["moved"])) if n and refine != "none" else None,
-               "seconds": seconds, "seconds_per_particle": seconds / max(n, 1), "resumed_batches": len(batches) - len(todo)}
+               "seconds": seconds, "seconds_per_particle": seconds / max(n, 1), "resumed_batches": len(batches) - len(todo),
+               "settings": {"refine": refine, "hypotheses": hypotheses, "turns": turns, "fallback_score": fallback_score},
+               "median_network_move_deg": float(np.median(cat["moved"])) if n and refine != "none" else None}
     atomic_write_json(out.with_suffix(".json"), summary)
     log.info("predicted %d particles (%s) in %.1f s; %d (%.1f %%) went through full HEMNMA", n, refine, seconds,
              summary["fallback"], 100 * summary["fallback_fraction"])

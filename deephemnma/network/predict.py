@@ -151,6 +151,15 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
 
     state = load_checkpoint(checkpoint)
     dev = pick_device(device, setting="--device")
+    if state.get("task") == "vae":  # the VAE's encoder through amortise, plus the posterior widths
+        from .vae import predict_vae_star
+
+        if modes is None:
+            raise InputError(checkpoint, "a VAE checkpoint's predictions are refined through the reference: give the "
+                                         "modes file (--modes)")
+        kw = dict(amortise or {})
+        return predict_vae_star(state, particles, out, modes, kw.pop("align_settings"), data_dir=data_dir, device=dev,
+                                checkpoint_id=_checkpoint_id(checkpoint), **kw)
     if state.get("task") == "posegrid":
         from .amortise import amortise_star
 

@@ -117,6 +117,18 @@ class TrainSettings:
     deterministic: bool
     seed: int | None
     predict_batch_size: int
+    # ---- the VAE (network.model: vae; deephemnma/network/vae.py)
+    model: str
+    vae_init: str
+    vae_init_checkpoint: str | None
+    vae_pretrain: float
+    vae_data: str
+    vae_particles: list | None
+    vae_prior: str
+    vae_prior_rmsd: float
+    vae_kl_weight: float
+    vae_pose_fraction: float
+    vae_shift_range: float | None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -206,6 +218,13 @@ def make_task(s: TrainSettings, engine: Engine, particles, val_particles=None, d
         from .targets import amplitude_modes
 
         model = load_model(modes, select=amplitude_modes(train_set.table.columns) or None)
+    if s.model == "vae":  # the VAE with the physics decoder (network.model: vae)
+        from .vae import VAETask
+
+        if model is None:
+            raise InputError(None, "the VAE decodes through the reference: give the modes file (--modes, written by "
+                                   "deephemnma nma)")
+        return VAETask(s, engine, train_set, val_set, test_set, info, model, modes, data_dir)
     if s.formulation == "posegrid":
         from .posegrid import PoseGridTask
 

@@ -19,7 +19,7 @@ the stage's figure is not available (file absent, or written before the stage re
   ``val_amplitude_mae``) with ``mean_prediction_baseline`` {``angle``, ``shift``,
   ``amplitude``}. Chance for the angle is 90° (a constant or random orientation) unless given;
 - ``predict/summary.json``: ``refinement`` = {``mode``, ``n``, ``fallback``,
-  ``fallback_fraction``}, or the merged shard summaries (``refine``, ``particles``,
+  ``fallback_fraction``}, or the merged shard summaries (``settings.refine``, ``particles``,
   ``fallback``, ``fallback_fraction``); else the per-shard records ``predict/chunk_NNNN.json``
   (``particles``, ``refine``, ``fallback``) summed;
 - ``maps/group_NN/summary.json``: ``resolution_fsc0143``, ``resolution_fsc05``,
@@ -150,13 +150,14 @@ def network_errors(res) -> dict | None:
 
 def _shard_refinement(res) -> dict | None:
     """The refinement summed over the per-shard records ``predict/chunk_NNNN.json``
-    (``particles``, ``refine``, ``fallback``) when there is no predict/summary.json block."""
+    (``particles``, ``settings.refine``, ``fallback``) when there is no predict/summary.json."""
     d = res.path("predict")
     docs = [res.json(f"predict/{p.name}") for p in sorted(d.glob("chunk_*.json"))] if d.is_dir() else []
-    docs = [x for x in docs if isinstance(x, dict) and "refine" in x and isinstance(x.get("particles"), int)]
+    docs = [x for x in docs if isinstance(x, dict) and "refine" in (x.get("settings") or {})
+            and isinstance(x.get("particles"), int)]
     if not docs:
         return None
-    modes = sorted({str(x["refine"]) for x in docs})
+    modes = sorted({str(x["settings"]["refine"]) for x in docs})
     return {"mode": "/".join(modes), "n": sum(x["particles"] for x in docs),
             "fallback": sum(int(x.get("fallback") or 0) for x in docs), "fallback_fraction": None}
 
@@ -166,9 +167,9 @@ def refinement(res) -> dict | None:
     predict/summary.json's ``refinement`` block, else the per-shard records."""
     s = res.json(PREDICT)
     r = s.get("refinement") if isinstance(s, dict) else None
-    if not isinstance(r, dict) and isinstance(s, dict) and "refine" in s:  # the merged shard summaries (merge --summary)
-        r = {"mode": s["refine"], "n": s.get("particles"), "fallback": s.get("fallback"),
-             "fallback_fraction": s.get("fallback_fraction")}
+    if not isinstance(r, dict) and isinstance(s, dict) and "refine" in (s.get("settings") or {}):
+        r = {"mode": s["settings"]["refine"], "n": s.get("particles"), "fallback": s.get("fallback"),
+             "fallback_fraction": s.get("fallback_fraction")}  # the merged shard summaries (merge --summary)
     r = r if isinstance(r, dict) else _shard_refinement(res)
     if r is None:
         return None
