@@ -129,6 +129,7 @@ class TrainSettings:
     vae_kl_weight: float
     vae_pose_fraction: float
     vae_shift_range: float | None
+    vae_refine_iterations: int
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

@@ -72,7 +72,8 @@ the data's CTFs, fitted by a gain and a Gaussian envelope exp(b·k²)); then, at
 every epoch once reconstruction steps have begun, :func:`.render.calibrate` on the VAE's own
 answers (self-calibration: the residuals against the VAE's fits, exactly the labelled
 calibration with the VAE's answers as labels) — applied only once those answers explain the
-images (fitted gain ≥ :data:`SELF_CALIBRATION_FLOOR` × the power-based gain). The calibration lives in buffers of the model
+images down to the noise (residual power ≤ :data:`SELF_CALIBRATION_TOLERANCE` × the
+background's). The calibration lives in buffers of the model
 (``gain``, ``transfer``, ``noise_power``): checkpoints carry it and resume recomputes it
 from the same weights.
 
@@ -119,20 +120,43 @@ from .targets import test_block
 
 log = get_logger(__name__)
 
+#: added to the validation score of epochs of pose steps alone (they can be best.pt only until
+#: an epoch with reconstruction steps exists)
+PRETRAINING_PENALTY = 1e6
 #: the STAR column of the posterior standard deviation of mode ``m``'s amplitude
 STD_PREFIX = "dhnmaAmplitudeStd"
-#: self-calibration is applied once the VAE's answers fit the images with at least this fraction
-#: of the gain that the images' power implies (:func:`calibrate_unlabelled`): with wrong poses the
-#: least-squares gain collapses (measured on the demo: 0.07 at chance poses, 0.23 with HEMNMA's,
-#: 0.175 from the power)
-SELF_CALIBRATION_FLOOR = 0.8
+#: self-calibration is applied once the residuals of the VAE's fits are at the noise level: their
+#: power (over the likelihood's band) at most this multiple of the background's noise power
+#: (:func:`calibrate_unlabelled`). With wrong poses the misfit inflates the residuals and the
+#: least-squares gain collapses (measured on the demo: gain 0.07 at chance poses, 0.23 with
+#: HEMNMA's); with HEMNMA's poses the residuals have 0.8–1.0 × the background's power.
+SELF_CALIBRATION_TOLERANCE = 1.1
 #: initial log-variance of the posterior (standardised units): σ = one standard deviation of the amplitudes
 LOGVAR0 = 0.0
+#: the local rotation correction of the grid's answer stays within ± this (radians, per axis-angle component)
+POSE_DELTA_BOUND = 0.3
+#: pose steps train the correction only where the grid's answer is within this of the truth (degrees)
+POSE_DELTA_RANGE = 30.0
+#: fraction of the steps after pretraining over which the reconstruction losses ramp up to full weight
+RECON_RAMP = 0.1
+#: weight of the encoder's pose-correction and shift heads' loss against the refined pose (the
+#: shared features must keep serving the grid's pose classification)
+DISTILL_WEIGHT = 0.3
+#: squared chordal distance ‖R − R'‖²_F of two rotations 10° apart (rotation losses are 1 there)
+CHORD_10DEG = 4 * (1 - math.cos(math.radians(10.0)))
+#: the posterior's log-variance (standardised units) stays within ± this: σ ≥ e⁻⁶ standard deviations
+LOGVAR_BOUND = 12.0
 
 
 def std_column(mode: int) -> str:
     """``dhnmaAmplitudeStd007``: the posterior standard deviation of mode 7's amplitude."""
     return f"{STD_PREFIX}{int(mode):03d}"
+
+
+def soft_bound(logvar: torch.Tensor, bound: float = LOGVAR_BOUND) -> torch.Tensor:
+    """The log-variance head's output kept in (−bound, bound) smoothly (b·tanh(x/b)): a hard
+    clamp would stop its gradient where the likelihood is sharp."""
+    return bound * torch.tanh(logvar / bound)
 
 
 # ----------------------------------------------------------------------------- the prior
@@ -188,6 +212,9 @@ class PoseVAE(nn.Module):
         self.logvar = head(n_features, cfg.hidden, M)
         nn.init.zeros_(self.logvar[-1].weight)
         nn.init.constant_(self.logvar[-1].bias, LOGVAR0)
+        self.pose_delta = head(n_features, cfg.hidden, 3)
+        nn.init.zeros_(self.pose_delta[-1].weight)
+        nn.init.zeros_(self.pose_delta[-1].bias)
         f32 = dict(dtype=torch.float32)
         self.register_buffer("prior_mean", torch.as_tensor(np.zeros(M) if prior_mean is None else prior_mean, **f32))
         self.register_buffer("prior_shape", torch.as_tensor(np.ones(M) if prior_shape is None else prior_shape, **f32))
@@ -201,7 +228,16 @@ class PoseVAE(nn.Module):
         enc = self.encoder
         f = enc.features(enc.prepare(x))
         return {"pose_logits": enc.pose(f), "amplitudes": enc.amp(f), "shifts": enc.shift(f),
-                "amp_logvar": self.logvar(f)}
+                "amp_logvar": self.logvar(f), "pose_delta": POSE_DELTA_BOUND * torch.tanh(self.pose_delta(f))}
+
+    def rotations(self, out: dict, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R (B,3,3), R_grid): the grid's decoded rotation (no gradient; ``logits`` to decode
+        other logits, e.g. turn-averaged ones) corrected by the local rotation head,
+        R = R_grid · exp([δ]×) (differentiable in δ)."""
+        with torch.no_grad():
+            R_grid = self.encoder.grid.decode((out["pose_logits"] if logits is None else logits).detach().float(),
+                                              "local")
+        return R_grid @ axis_angle_matrix(out["pose_delta"].float()), R_grid
 
     def prior_std(self) -> torch.Tensor:
         """(M,) standard deviations of the prior."""
@@ -210,7 +246,7 @@ class PoseVAE(nn.Module):
     def posterior(self, out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(μ, σ, log σ) in physical units (B, M) from the forward's output."""
         enc = self.encoder
-        lv = out["amp_logvar"].float().clamp(-20.0, 10.0)
+        lv = soft_bound(out["amp_logvar"].float())
         mu = out["amplitudes"].float() * enc.amp_std + enc.amp_mean
         log_std = 0.5 * lv + torch.log(enc.amp_std)
         return mu, torch.exp(log_std), log_std
@@ -231,6 +267,23 @@ class PoseVAE(nn.Module):
             self.noise_power.copy_(torch.as_tensor(np.asarray(noise_power, np.float64), dtype=torch.float32))
 
 
+@torch.no_grad()
+def vae_answers(vae: PoseVAE, x: torch.Tensor, turns: int = 1) -> dict[str, torch.Tensor]:
+    """The VAE's answers for images (B, 1, d, d): ``rotations`` (grid decode, averaged over
+    ``turns`` quarter turns, then the local correction of the unturned image), ``origins`` (Å),
+    ``amplitudes`` (posterior mean) and ``std`` (posterior standard deviation); the pose,
+    amplitude and shift heads averaged over the turns as :meth:`.posenet.PoseNet.turned_outputs`."""
+    out = vae(x)
+    logits = None
+    mu_std, shifts = out["amplitudes"], out["shifts"]
+    if turns > 1:
+        t = vae.encoder.turned_outputs(x, turns)
+        logits, mu_std, shifts = t["log_probs"], t["amplitudes"], t["shifts"]
+    R, _ = vae.rotations(out, logits)
+    mu, std, _ = vae.posterior({**out, "amplitudes": mu_std})
+    return {"rotations": R, "origins": shifts.float() * vae.encoder.shift_scale, "amplitudes": mu, "std": std}
+
+
 def vae_from_checkpoint(state: dict, device="cpu") -> PoseVAE:
     """The VAE of a checkpoint, in eval mode on ``device``."""
     mc = state["model_config"]
@@ -247,13 +300,21 @@ class PhysicsDecoder:
     without gain, transfer or noise of its own (its CTF rows are the particles' rows);
     ``vae``: where the calibration lives. Call :meth:`refresh` after the calibration changes."""
 
-    def __init__(self, renderer: ParticleRenderer, vae: PoseVAE):
+    def __init__(self, renderer: ParticleRenderer, vae: PoseVAE, image_box: int | None = None,
+                 image_pixel_size: float | None = None):
         if renderer.transfer is not None or renderer.gain != 1.0:
             raise ValueError("the decoder's renderer must have no gain or transfer of its own")
         self.renderer, self.vae = renderer, vae
         s = renderer.s
         d = s.box
         self.box = d
+        # a coarser level (box d < the images' D, pixel × D/d) of images Fourier-cropped to d: the
+        # same per-ring calibration (ring k is the same frequency), the projector's values scale
+        # with the pixel area, the cropped noise's power with (d/D)²
+        D = int(image_box or d)
+        self.image_box = D
+        self.signal_scale = (float(image_pixel_size or s.pixel_size) / s.pixel_size) ** 2
+        self.noise_scale = (d / D) ** 2
         dev = renderer.device
         k = ring_radius(d, dev)
         mult = torch.full((d // 2 + 1,), 2.0, dtype=torch.float64, device=dev)
@@ -269,9 +330,10 @@ class PhysicsDecoder:
     def refresh(self) -> None:
         s, dev, d = self.renderer.s, self.renderer.device, self.box
         v = self.vae
-        self.transfer = radial_filter(v.transfer.double().cpu().numpy(), d, dev) * float(v.gain)
+        self.transfer = radial_filter(v.transfer.double().cpu().numpy(), d, dev) * (float(v.gain) * self.signal_scale)
         noise = v.noise_power.double().cpu().numpy()
-        self.noise = radial_filter(np.clip(noise, 1e-12, None), d, dev, s.noise_bins_per_px).clamp_min(1e-12)
+        self.noise = radial_filter(np.clip(noise, 1e-12, None), d, dev, s.noise_bins_per_px).clamp_min(1e-12) \
+            * self.noise_scale
         self.noise_amplitude = torch.sqrt(self.noise)
 
     def spectrum(self, rotations: torch.Tensor, origins: torch.Tensor, amplitudes: torch.Tensor,
@@ -284,6 +346,15 @@ class PhysicsDecoder:
         """Model images (B, d, d): the decoder's output before noise and normalisation."""
         d = self.box
         return torch.fft.irfft2(self.spectrum(rotations, origins, amplitudes, ctf_index), s=(d, d))
+
+    def image_spectrum(self, images: torch.Tensor) -> torch.Tensor:
+        """rfft2 of images (B, D, D) at this decoder's box (Fourier crop, values preserved)."""
+        F = torch.fft.rfft2(images.float())
+        D, d = self.image_box, self.box
+        if D == d:
+            return F
+        h = d // 2
+        return torch.cat([F[..., :h, :h + 1], F[..., D - h:, :h + 1]], dim=-2) * (d * d / (D * D))
 
     def chi2(self, image_ft: torch.Tensor, model_ft: torch.Tensor) -> torch.Tensor:
         """(B,) Σ_k W(k) |X − M|² / (d² N(|k|)): twice the negative log-likelihood (+ const)."""
@@ -321,7 +392,7 @@ def fit_through_decoder(decoder: PhysicsDecoder, images: torch.Tensor, ctf_index
     params = [z] + ([delta, o] if fit_pose else [])
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, int(steps)), eta_min=lr / 100)
-    X = torch.fft.rfft2(images.float())
+    X = decoder.image_spectrum(images)
     for _ in range(int(steps)):
         R = R0 @ axis_angle_matrix(delta)
         loss = decoder.chi2(X, decoder.spectrum(R, o, z * amplitude_scale, ctf_index)).sum() / decoder.n_band
@@ -334,6 +405,69 @@ def fit_through_decoder(decoder: PhysicsDecoder, images: torch.Tensor, ctf_index
         q = z * amplitude_scale
         c = decoder.chi2(X, decoder.spectrum(R, o, q, ctf_index))
     return {"rotations": R.detach(), "origins": o.detach(), "amplitudes": q.detach(), "chi2": c}
+
+
+@torch.no_grad()
+def gauss_newton_fit(decoder: PhysicsDecoder, images: torch.Tensor, ctf_index: torch.Tensor,
+                     rotations: torch.Tensor, origins: torch.Tensor, amplitudes: torch.Tensor, *,
+                     iterations: int = 5, amplitude_scale=1.0, shift_scale: float = 1.0,
+                     damping: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Levenberg–Marquardt on the whitened χ² of each image over a local rotation correction
+    δ (``R = R0 · exp([δ]×)``), the origins and the amplitudes, with a forward-difference
+    Jacobian (one render per parameter, no autograd): per image and iteration
+    ``(JᵀWJ + λ diag JᵀWJ) Δ = JᵀW r``, the step kept only where χ² falls (λ ÷ 3, else × 10).
+    Parameters are scaled to natural units (radians, ``shift_scale`` Å, ``amplitude_scale``).
+    Returns ``rotations``, ``origins``, ``amplitudes``, ``chi2``."""
+    B = len(images)
+    M = amplitudes.shape[1]
+    dev = images.device
+    X = decoder.image_spectrum(images)
+    w = (decoder.weight / decoder.noise).sqrt() / decoder.box            # whitening of a residual
+    scale = torch.cat([torch.ones(3, device=dev), torch.full((2,), float(shift_scale), device=dev),
+                       torch.as_tensor(amplitude_scale, dtype=torch.float32, device=dev).reshape(-1).expand(M)])
+    P = 5 + M
+    h = 1e-3
+
+    def model(delta, o, q):
+        R = rotations.float() @ axis_angle_matrix(delta)
+        return decoder.spectrum(R, o, q, ctf_index)
+
+    delta = torch.zeros(B, 3, device=dev)
+    o = origins.float().clone()
+    q = amplitudes.float().clone()
+    lam = torch.full((B,), float(damping), device=dev)
+
+    def chi2_of(F):
+        r = (X - F) * w
+        return (r.real ** 2 + r.imag ** 2).sum((-2, -1))
+
+    F0 = model(delta, o, q)
+    c0 = chi2_of(F0)
+    for _ in range(int(iterations)):
+        cols = []
+        for j in range(P):
+            step = torch.zeros(B, P, device=dev)
+            step[:, j] = h
+            u = step * scale
+            cols.append(((model(delta + u[:, :3], o + u[:, 3:5], q + u[:, 5:]) - F0) / h * w))
+        J = torch.stack(cols, 1)                                             # (B, P, d, d//2+1)
+        r = (X - F0) * w
+        Jr = torch.view_as_real(J).flatten(2)                                # (B, P, n)
+        rr = torch.view_as_real(r).flatten(1)                                # (B, n)
+        A = Jr @ Jr.transpose(1, 2)
+        g = (Jr @ rr[:, :, None])[..., 0]
+        Ad = A + lam[:, None, None] * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12))
+        dp = torch.linalg.solve(Ad, g) * scale
+        d_new, o_new, q_new = delta + dp[:, :3], o + dp[:, 3:5], q + dp[:, 5:]
+        F1 = model(d_new, o_new, q_new)
+        c1 = chi2_of(F1)
+        ok = c1 < c0
+        sel = ok[:, None]
+        delta, o, q = torch.where(sel, d_new, delta), torch.where(sel, o_new, o), torch.where(sel, q_new, q)
+        F0 = torch.where(ok[:, None, None], F1, F0)
+        c0 = torch.where(ok, c1, c0)
+        lam = torch.where(ok, lam / 3, lam * 10)
+    return {"rotations": rotations.float() @ axis_angle_matrix(delta), "origins": o, "amplitudes": q, "chi2": c0}
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -448,7 +582,7 @@ class VAETask(Task):
     """The VAE on any engine through :func:`.loop.fit` (see the module docstring)."""
 
     kind = "vae"
-    loss_names = ("pose", "amplitudes", "shifts", "posterior", "reconstruction", "kl")
+    loss_names = ("pose", "rotation", "amplitudes", "shifts", "posterior", "reconstruction", "kl", "distill")
 
     def __init__(self, s, engine: Engine, train: ParticleSet, val, test, info: dict, model, modes_path,
                  data_dir=None):
@@ -533,7 +667,9 @@ class VAETask(Task):
         if ckpt is not None:
             self.model.encoder.load_state_dict(ckpt["model_state"])
         self.decoder = PhysicsDecoder(self.renderer, self.model)
+        self.refiner = self._refiner(model, ctf)
         self.initial_calibration = self.model.calibration()
+        self.background_noise = np.asarray(noise)  # scratch: measured on the background, pose-independent
         self.model_config = {"encoder": cfg.to_dict(), "modes": [int(m) for m in model.mode_numbers],
                              "prior": s.vae_prior, "n_transfer": len(transfer), "n_noise": len(noise)}
         self.data_info = {**info, "ctf_mode": self.settings.ctf_mode, "vae_data": s.vae_data,
@@ -550,6 +686,19 @@ class VAETask(Task):
                                                          self.model.prior_std().detach().cpu().numpy())),
                  self.calibration_source, cal["gain"], self.pretrain_steps, self.total_steps, self.n_pool,
                  "" if self.extra is None else f" (set 1 + {len(self.extra)} more)")
+
+    def _refiner(self, model, ctf) -> PhysicsDecoder:
+        """The decoder of the per-particle pose refinement: half the box (boxes ≥ 48) with the
+        atoms lumped on a grid of 1.5 pixels of that level, else the decoder itself."""
+        d, px = self.settings.box, self.settings.pixel_size
+        if d < 48:
+            return self.decoder
+        dc = d // 2
+        pc = px * d / dc
+        rs = RenderSettings(box=dc, pixel_size=pc, ctf_mode=self.settings.ctf_mode, lowpass_width=1.0,
+                            background_radius=self.settings.background_radius)
+        rend = ParticleRenderer(model.coarse(1.5 * pc), rs, None, ctf, seed=self.s.seed, device=self.device)
+        return PhysicsDecoder(rend, self.model, image_box=d, image_pixel_size=px)
 
     def _init_checkpoint(self, s, train: ParticleSet) -> dict | None:
         if not (self.labelled and s.vae_init_checkpoint):
@@ -590,7 +739,16 @@ class VAETask(Task):
         f = self.s.vae_pose_fraction
         return "pose" if math.floor((j + 1) * f + 1e-9) > math.floor(j * f + 1e-9) else "recon"
 
+    def recon_ramp(self, epoch: int, step: int) -> float:
+        """Weight of the reconstruction losses: linear from 0 to 1 over the first
+        :data:`RECON_RAMP` of the steps after pretraining (an untrained posterior head meets a
+        sharp likelihood: full weight at once blew the shared features up on the toy)."""
+        g = epoch * self.steps_per_epoch + step - self.pretrain_steps
+        n = max(1.0, RECON_RAMP * (self.total_steps - self.pretrain_steps))
+        return float(min(1.0, (g + 1) / n))
+
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         if self.self_calibrate and epoch * self.steps_per_epoch >= self.pretrain_steps and epoch > 0:
             self.recalibrate()
 
@@ -603,14 +761,15 @@ class VAETask(Task):
                                              pred["amplitudes"]], 1),
                              columns=ANGLES + ORIGINS + amplitude_columns_for(self.elastic))
         cal = calibrate(self.cal_renderer, self.cal_images, table)
-        floor = SELF_CALIBRATION_FLOOR * self.initial_calibration["gain"]
-        if cal["gain"] < floor:  # the answers do not yet explain the images' signal: keep the calibration
-            log.info("self-calibration not applied: the VAE's answers fit with gain %+.3g, below %.2g × the gain the "
-                     "images' power implies (%+.3g): poses not found yet", cal["gain"], SELF_CALIBRATION_FLOOR,
-                     self.initial_calibration["gain"])
+        nb = int(self.decoder.kmax * self.settings.noise_bins_per_px) + 1
+        ratio = float(np.mean(cal["noise_power"][1:nb]) / np.mean(self.background_noise[1:nb]))
+        if ratio > SELF_CALIBRATION_TOLERANCE:  # the answers do not explain the images yet: keep the calibration
+            log.info("self-calibration not applied: the residuals of the VAE's fits have %.2f × the background's noise "
+                     "power (poses or conformations not found yet)", ratio)
             return
         self.model.set_calibration(cal["gain"], cal["transfer"], cal["noise_power"])
         self.decoder.refresh()
+        self.refiner.refresh()
         log.info("self-calibration on the VAE's answers: gain %+.3g", cal["gain"])
 
     # ---- data
@@ -669,19 +828,25 @@ class VAETask(Task):
                 "ctf_index": idx.to(dev), "eps": eps.to(dev)}
 
     # ---- losses
-    def elbo_terms(self, out: dict, images: torch.Tensor, ctf_index: torch.Tensor, eps: torch.Tensor | None = None):
-        """(χ² (B,), KL (B,), answers) of images (B, 1, d, d): pose from the grid head and
-        the shift head (detached), amplitudes sampled from the posterior (``eps``) or its mean."""
+    def elbo_terms(self, out: dict, images: torch.Tensor, ctf_index: torch.Tensor, eps: torch.Tensor | None = None,
+                   refine: int = 0):
+        """(χ² (B,), KL (B,), answers) of images (B, 1, d, d): the rotation decoded from the grid
+        (no gradient) corrected by the local rotation head, the shift head, amplitudes sampled
+        from the posterior (``eps``) or its mean."""
         vae = self.model
-        enc = vae.encoder
-        with torch.no_grad():
-            R = enc.grid.decode(out["pose_logits"].detach().float(), "local")
-            o = out["shifts"].detach().float() * enc.shift_scale
+        R, _ = vae.rotations(out)
+        o = out["shifts"].float() * vae.encoder.shift_scale
         mu, std, log_std = vae.posterior(out)
+        answers = {"rotations": R, "origins": o, "mu": mu, "std": std}
+        if refine > 0:  # the likelihood at the particle's locally refined pose
+            ref = gauss_newton_fit(self.refiner, images[:, 0], ctf_index, R.detach(), o.detach(), mu.detach(),
+                                   iterations=refine, amplitude_scale=vae.encoder.amp_std)
+            R, o = ref["rotations"], ref["origins"]
+            answers.update(refined_rotations=R, refined_origins=o)
         q = mu if eps is None else mu + std * eps
         spec = self.decoder.spectrum(R, o, q, ctf_index)
         chi2 = self.decoder.chi2(torch.fft.rfft2(images[:, 0].float()), spec)
-        return chi2, vae.kl(mu, std, log_std), {"rotations": R, "origins": o, "mu": mu, "std": std}
+        return chi2, vae.kl(mu, std, log_std), answers
 
     def losses(self, output, batch, epoch, step):
         s, vae = self.s, self.model
@@ -692,15 +857,31 @@ class VAETask(Task):
             sigma = s.grid_sigma if s.grid_sigma_end is None else s.grid_sigma + (s.grid_sigma_end - s.grid_sigma) * frac
             terms = loss_terms(vae.encoder, output, batch, sigma, s.label_smoothing)
             qa, _ = vae.encoder.encode_targets(batch["amplitudes"], batch["origins"])
-            lv = output["amp_logvar"].float().clamp(-20.0, 10.0)
+            lv = soft_bound(output["amp_logvar"].float())
             terms["posterior"] = 0.5 * (lv + (qa - output["amplitudes"].detach().float()) ** 2 * torch.exp(-lv)).mean()
-            total = terms["pose"] + s.amplitude_weight * (terms["amplitudes"] + terms["posterior"]) \
+            R, R_grid = vae.rotations(output)
+            A = batch["rotations"].float()
+            near = (torch.einsum("bij,bij->b", R_grid, A) - 1) / 2 > math.cos(math.radians(POSE_DELTA_RANGE))
+            chord = ((R - A) ** 2).sum((-2, -1)) / CHORD_10DEG
+            terms["rotation"] = (chord * near).sum() / near.sum().clamp_min(1)
+            # the correction head learns once the grid has (while pretraining it slows the grid's learning)
+            w_rot = 0.0 if epoch * self.steps_per_epoch + step < self.pretrain_steps else 1.0
+            total = terms["pose"] + w_rot * terms["rotation"] + s.amplitude_weight * (terms["amplitudes"] + terms["posterior"]) \
                 + s.shift_weight * terms["shifts"]
             return total + zero, terms
-        chi2, kl, _ = self.elbo_terms(output, batch["image"], batch["ctf_index"], batch["eps"])
+        chi2, kl, ans = self.elbo_terms(output, batch["image"], batch["ctf_index"], batch["eps"],
+                                        s.vae_refine_iterations)
         nb = self.decoder.n_band
-        total = (0.5 * chi2 + s.vae_kl_weight * kl).mean() / nb
-        return total + zero, {"reconstruction": chi2.mean().detach() / nb, "kl": kl.mean().detach()}
+        ramp = self.recon_ramp(epoch, step)
+        total = ramp * (0.5 * chi2 + s.vae_kl_weight * kl).mean() / nb
+        terms = {"reconstruction": chi2.mean().detach() / nb, "kl": kl.mean().detach()}
+        if "refined_rotations" in ans:  # the encoder learns the refined pose (amortised refinement)
+            chord = ((ans["rotations"] - ans["refined_rotations"]) ** 2).sum((-2, -1)) / CHORD_10DEG
+            shift = torch.nn.functional.smooth_l1_loss(ans["origins"] / vae.encoder.shift_scale,
+                                                       ans["refined_origins"] / vae.encoder.shift_scale)
+            terms["distill"] = chord.mean() + shift
+            total = total + ramp * DISTILL_WEIGHT * terms["distill"]
+        return total + zero, terms
 
     # ---- evaluation
     @torch.no_grad()
@@ -712,10 +893,7 @@ class VAETask(Task):
         out = []
         for a in range(0, len(images), batch):
             x = torch.as_tensor(np.asarray(images[a:a + batch]), device=self.device)[:, None]
-            p = vae.encoder.predict(x, turns=turns)
-            _, std, _ = vae.posterior(vae(x))
-            out.append({"rotations": p["rotations"], "origins": p["origins"], "amplitudes": p["amplitudes"],
-                        "std": std})
+            out.append(vae_answers(vae, x, turns))
         vae.train(was)
         return {k: torch.cat([o[k] for o in out]).double().cpu().numpy() for k in out[0]}
 
@@ -740,9 +918,12 @@ class VAETask(Task):
             return {}
         e = self.elbo_of(self.val_set, self.ctf_offset["val"])
         nb = self.decoder.n_band
-        row = {"val_loss": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb, "val_chi2_per_coefficient":
+        # an epoch of pose steps alone has not trained the posterior: never the best checkpoint once one has
+        pretraining = (getattr(self, "epoch", 0) + 1) * self.steps_per_epoch <= self.pretrain_steps
+        row = {"val_loss": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb + (PRETRAINING_PENALTY if pretraining else 0.0),
+               "val_neg_elbo": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb, "val_chi2_per_coefficient":
                float(e["chi2"].mean()) / nb, "val_kl": float(e["kl"].mean()), "n_val": len(self.val_set),
-               "prior_scale": float(torch.exp(self.model.prior_log_scale)), "gain": float(self.model.gain)}
+               "prior_scale": float(torch.exp(self.model.prior_log_scale.detach())), "gain": float(self.model.gain.detach())}
         pred = self.predict_images(self.val_set.images.read(np.arange(len(self.val_set))))
         row["val_posterior_rmsd_A"] = float(posterior_rmsd(pred["std"], self.elastic.vectors).mean())
         if all(c in self.val_set.table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
@@ -781,7 +962,7 @@ class VAETask(Task):
         msg = (f"loss {row['train_loss']:.4f} (pose {row.get('train_loss_pose', float('nan')):.3f}, reconstruction "
                f"{row.get('train_loss_reconstruction', float('nan')):.3f}, KL {row.get('train_loss_kl', float('nan')):.2f})")
         if "val_loss" in row:
-            msg += f"; validation: -ELBO {row['val_loss']:.4f}, χ²/coefficient {row['val_chi2_per_coefficient']:.3f}"
+            msg += f"; validation: -ELBO {row['val_neg_elbo']:.4f}, χ²/coefficient {row['val_chi2_per_coefficient']:.3f}"
         if "val_angle_error_deg" in row:
             msg += (f", vs HEMNMA: angle {row['val_angle_error_deg']:.1f}° (median {row['val_angle_median_deg']:.1f}°), "
                     f"shift {row['val_shift_mae_A']:.2f} Å, deformation RMSD {row['val_rmsd_A']:.2f} Å (mean "
@@ -799,22 +980,28 @@ def encoder_state(state: dict) -> dict:
 
 
 @torch.no_grad()
-def posterior_std_of(vae: PoseVAE, images, device, batch: int = 256) -> np.ndarray:
-    """(n, M) posterior standard deviations of the amplitudes of images (a ParticleImages)."""
+def answers_of(vae: PoseVAE, images, device, turns: int = 1, batch: int = 256) -> dict[str, np.ndarray]:
+    """:func:`vae_answers` for every image of a ParticleImages, as float64 arrays."""
     out = []
     for a in range(0, len(images), batch):
         x = torch.as_tensor(images.read(np.arange(a, min(len(images), a + batch))), device=device)[:, None]
-        out.append(vae.posterior(vae(x))[1].double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, vae.encoder.cfg.n_amplitudes))
+        out.append({k: v.double().cpu().numpy() for k, v in vae_answers(vae, x, turns).items()})
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 def predict_vae_star(state: dict, particles, out, modes, align_settings, *, data_dir=None, device=None,
                      checkpoint_id: str = "", **amortise_kw) -> dict:
-    """Predict (and refine, ``network.refine``) every particle with a VAE checkpoint's encoder
-    through :func:`.amortise.amortise_star`, then add ``dhnmaAmplitudeStdNNN`` (the posterior
-    standard deviation of each amplitude; with refinement the amplitudes are HEMNMA's polish of
-    the posterior mean and the width remains the VAE's)."""
+    """Predict every particle with a VAE checkpoint and write ``out`` (the columns of
+    :func:`.amortise.amortise_star`, which runs first with the VAE's encoder: with
+    ``refine`` local or fallback, HEMNMA's continuous refinement polishes the grid's
+    hypotheses). With ``refine: none`` the pose, shift and amplitudes are the VAE's own
+    (rotation corrected by its local head, posterior mean). Always adds
+    ``dhnmaAmplitudeStdNNN``, the posterior standard deviation of each amplitude (the VAE's,
+    also where HEMNMA refined the amplitudes)."""
+    import contextlib
+
     from ..core import star as S
+    from ..core.fileio import atomic_write_json
     from ..core.mrc import ParticleImages
     from ..core.runtime import one_torch_thread
     from .amortise import amortise_star
@@ -822,20 +1009,29 @@ def predict_vae_star(state: dict, particles, out, modes, align_settings, *, data
     device = device or torch.device("cpu")
     summary = amortise_star(encoder_state(state), particles, out, modes, align_settings, data_dir=data_dir,
                             device=device, checkpoint_id=checkpoint_id, **amortise_kw)
-    import contextlib
-
+    modes_list = [int(m) for m in state["model_config"]["modes"]]
+    turns = int(amortise_kw.get("turns", 1))
     with one_torch_thread() if device.type == "cpu" else contextlib.nullcontext():
         star = S.read_star(particles, data_dir=data_dir)
         vae = vae_from_checkpoint(state, device)
-        std = posterior_std_of(vae, ParticleImages.from_star(star, data_dir), device) if len(star) else \
-            np.zeros((0, len(state["model_config"]["modes"])))
+        ans = answers_of(vae, ParticleImages.from_star(star, data_dir), device, turns) if len(star) else None
     written = S.read_star(out)
     table = written.particles.copy()
-    for j, m in enumerate(state["model_config"]["modes"]):
-        table[std_column(m)] = std[:, j]
+    if ans is not None:
+        if amortise_kw.get("refine", "fallback") == "none":
+            eul = matrix_to_euler(ans["rotations"])
+            for j, c in enumerate(ANGLES):
+                table[c] = eul[:, j]
+            for j, c in enumerate(ORIGINS):
+                table[c] = ans["origins"][:, j]
+            for j, m in enumerate(modes_list):
+                table[f"dhnmaAmplitude{m:03d}"] = ans["amplitudes"][:, j]
+        for j, m in enumerate(modes_list):
+            table[std_column(m)] = ans["std"][:, j]
+    else:
+        for m in modes_list:
+            table[std_column(m)] = np.zeros(0)
     S.write_star(out, table, written.optics)
-    summary["posterior_std_mean"] = std.mean(0).tolist() if len(std) else []
-    from ..core.fileio import atomic_write_json
-
+    summary["posterior_std_mean"] = ans["std"].mean(0).tolist() if ans is not None else []
     atomic_write_json(Path(out).with_suffix(".json"), summary)
     return summary
