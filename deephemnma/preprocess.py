@@ -18,7 +18,10 @@ Per image (the paper's §3.1.3 order; every step configurable in the ``preproces
 
 Then the particles are **split** into image set 1 (the HEMNMA / training subset: ``set1_size``
 particles, or ``set1_fraction`` of them; a seeded uniform draw, no stratification) and image
-set 2 (the rest), each kept in input order and cut into chunks of ``chunk_size``.
+set 2 (the rest), each kept in input order and cut into chunks (:func:`chunk_sizes`:
+``chunk_size`` for set 1; for set 2 ``set2_chunk_size``, or ``chunk_size`` enlarged so that
+set 2 has at most ``set2_max_chunks`` chunks). Stacks are float32, or float16 (MRC mode 12)
+with ``dtype: float16``; readers get float32 either way.
 
 Output tree (``DIR``)::
 
@@ -95,6 +98,9 @@ class PreprocessSettings:
     set1_size: int | None
     set1_fraction: float | None
     chunk_size: int
+    set2_chunk_size: int | None
+    set2_max_chunks: int
+    dtype: str
     batch_size: int
     workers: int | None
     seed: int | None
@@ -110,8 +116,13 @@ class PreprocessSettings:
 
     def fingerprint(self, extra: str = "") -> str:
         d = self.as_dict()
-        for k in ("workers", "batch_size"):
+        # not in the bytes of a chunk: how many processes, batch size, and the set-2 chunk
+        # sizing (a chunk's start and size are checked on their own); float32 is what every
+        # stack was before the dtype setting existed
+        for k in ("workers", "batch_size", "set2_chunk_size", "set2_max_chunks"):
             d.pop(k)
+        if d["dtype"] == "float32":
+            d.pop("dtype")
         return fingerprint(d, extra, FORMAT_VERSION)
 
 
@@ -136,19 +147,37 @@ def split_indices(n_particles: int, settings: PreprocessSettings) -> tuple[np.nd
     return np.sort(perm[:n1]), np.sort(perm[n1:])
 
 
+def chunk_sizes(n_particles: int, settings: PreprocessSettings) -> tuple[int, int]:
+    """Particles per chunk of (set 1, set 2). Set 1: ``chunk_size`` (one HEMNMA job each).
+    Set 2 (one prediction shard each): ``set2_chunk_size``, or when it is null
+    ``chunk_size`` enlarged to the smallest multiple of it that cuts set 2 into at most
+    ``set2_max_chunks`` chunks — so that the job count stays in the hundreds at 10⁶
+    particles (980 shards of 1,000 → 196 of 5,000) while small runs keep ``chunk_size``."""
+    if settings.chunk_size < 1:
+        raise ConfigError("preprocess.chunk_size must be ≥ 1")
+    c1 = int(settings.chunk_size)
+    if settings.set2_chunk_size is not None:
+        if settings.set2_chunk_size < 1:
+            raise ConfigError("preprocess.set2_chunk_size must be ≥ 1")
+        return c1, int(settings.set2_chunk_size)
+    if settings.set2_max_chunks < 1:
+        raise ConfigError("preprocess.set2_max_chunks must be ≥ 1")
+    _, n2 = split_sizes(n_particles, settings)
+    per = -(-n2 // int(settings.set2_max_chunks))  # ceil: the smallest size giving ≤ max chunks
+    return c1, c1 * max(1, -(-per // c1))
+
+
 def plan_chunks(n_particles: int, config) -> list[dict]:
     """The chunks ``preprocess`` writes for ``n_particles`` particles, in order:
     ``{"set", "index", "name", "n", "star", "stack", "record"}`` (paths relative to the
-    output directory). ``config``: the whole config, its ``preprocess`` section or a
-    :class:`PreprocessSettings`."""
+    output directory; sizes: :func:`chunk_sizes`). ``config``: the whole config, its
+    ``preprocess`` section or a :class:`PreprocessSettings`."""
     s = config if isinstance(config, PreprocessSettings) else PreprocessSettings.from_config(config)
-    if s.chunk_size < 1:
-        raise ConfigError("preprocess.chunk_size must be ≥ 1")
     out = []
-    for name, n in zip(SETS, split_sizes(n_particles, s)):
-        for k, a in enumerate(range(0, n, s.chunk_size)):
+    for name, n, size in zip(SETS, split_sizes(n_particles, s), chunk_sizes(n_particles, s)):
+        for k, a in enumerate(range(0, n, size)):
             base = f"{name}/chunk_{k:04d}"
-            out.append({"set": name, "index": k, "name": base, "n": min(s.chunk_size, n - a),
+            out.append({"set": name, "index": k, "name": base, "n": min(size, n - a),
                         "start": a, "star": base + ".star", "stack": base + ".mrcs", "record": base + ".json"})
     return out
 
@@ -335,7 +364,8 @@ def _process_chunk(task: dict) -> dict:
     spec, px, flip, resample = task["spec"], task["pixel_size"], task["flip"], task["resample"]
     n = len(px)
     t0 = time.perf_counter()
-    with one_torch_thread(), StackWriter(out_dir / spec["stack"], n, d, task["pixel_out"]) as w:
+    with one_torch_thread(), StackWriter(out_dir / spec["stack"], n, d, task["pixel_out"],
+                                                  dtype=settings.dtype) as w:
         for a in range(0, n, settings.batch_size):
             batch = np.empty((min(n, a + settings.batch_size) - a, d, d), dtype=np.float32)
             for j, x in _read(_WORKER["groups"], task["box"], task["local"], np.arange(a, min(n, a + settings.batch_size))):

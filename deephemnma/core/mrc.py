@@ -25,7 +25,9 @@ mode and only warns, leaving ``data`` None, in permissive mode, so the size chec
 Writing
 -------
 :class:`StackWriter` writes an image stack chunk by chunk into a memory-mapped file
-(``mrcfile.new_mmap``): mode 2 (float32), ``nz`` = number of images, ``ispg`` = 0 and
+(``mrcfile.new_mmap``): mode 2 (float32) or, with ``dtype="float16"``, mode 12 (IEEE
+half precision: half the bytes; 11 significant bits, about 3 decimal digits, ample for
+images normalised to unit background noise), ``nz`` = number of images, ``ispg`` = 0 and
 ``mz`` = 1 (mrcfile's ``set_image_stack``, what RELION and mrcfile expect of ``.mrcs``),
 voxel size = pixel size, header statistics from the data written. The file appears under
 its final name only when every image was written and the writer closed without error.
@@ -324,8 +326,13 @@ class ParticleImages:
 STACK_LABEL = b"Created by deephemnma"
 
 
+#: pixel types StackWriter writes, by name, with their MRC modes
+WRITABLE_MODES = {"float32": 2, "float16": 12}
+
+
 class StackWriter:
-    """Write an MRC image stack of ``n_images`` × ``box``² float32 images, chunk by chunk.
+    """Write an MRC image stack of ``n_images`` × ``box``² images, chunk by chunk, as
+    float32 (mode 2, the default) or float16 (mode 12; ``dtype``).
 
     >>> with StackWriter("out.mrcs", n, box, pixel_size=1.3) as w:
     ...     for chunk in chunks: w.append(chunk)
@@ -335,8 +342,12 @@ class StackWriter:
     temporary file is removed.
     """
 
-    def __init__(self, path: str | os.PathLike, n_images: int, box: int, pixel_size: float):
+    def __init__(self, path: str | os.PathLike, n_images: int, box: int, pixel_size: float,
+                 dtype: str = "float32"):
         self.path = Path(path)
+        if str(dtype) not in WRITABLE_MODES:
+            raise ValueError(f"dtype must be one of {sorted(WRITABLE_MODES)}, got {dtype!r}")
+        self.dtype = str(dtype)
         self.n = int(n_images)
         self.box = int(box)
         self.pixel_size = float(pixel_size)
@@ -357,7 +368,8 @@ class StackWriter:
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
         try:
-            self._mrc = mrcfile.new_mmap(tmp, shape=(self.n, self.box, self.box), mrc_mode=2, overwrite=True)
+            self._mrc = mrcfile.new_mmap(tmp, shape=(self.n, self.box, self.box),
+                                         mrc_mode=WRITABLE_MODES[self.dtype], overwrite=True)
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.pixel_size
             # mrcfile stamps the creation time into label 0: a fixed label keeps outputs
@@ -375,6 +387,11 @@ class StackWriter:
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 2:
             images = images[None]
+        if self.dtype == "float16":  # what is stored (and read back): statistics of these values
+            with np.errstate(over="ignore"):
+                images = images.astype(np.float16)
+            if images.size and not np.isfinite(images).all():
+                raise ValueError(f"{self.path}: pixel values beyond float16's range (±65504); write float32")
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise ValueError(f"images must be (k, {self.box}, {self.box}), got {images.shape}")
         start = int(start)
@@ -436,14 +453,16 @@ class StackWriter:
         return False
 
 
-def write_stack(path: str | os.PathLike, images, pixel_size: float, chunk: int = 1024) -> Path:
-    """Write ``images`` (n, box, box) as an MRC stack (atomically, in chunks)."""
+def write_stack(path: str | os.PathLike, images, pixel_size: float, chunk: int = 1024,
+                dtype: str = "float32") -> Path:
+    """Write ``images`` (n, box, box) as an MRC stack (atomically, in chunks; ``dtype``
+    float32 or float16, see :class:`StackWriter`)."""
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be (n, box, box), got {images.shape}")
-    with StackWriter(path, images.shape[0], images.shape[1], pixel_size) as w:
+    with StackWriter(path, images.shape[0], images.shape[1], pixel_size, dtype=dtype) as w:
         for s in range(0, images.shape[0], chunk):
             w.write(s, images[s: s + chunk])
     return Path(path)

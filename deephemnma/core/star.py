@@ -1096,8 +1096,37 @@ def rebase_image_names(particles: pd.DataFrame, source: str | os.PathLike, targe
 
 
 def count_particles(path: str | os.PathLike) -> int:
-    """Number of particles in a STAR file, streaming (bounded memory; for planning jobs)."""
-    return sum(len(chunk) for chunk in iter_particles(path, chunksize=500_000))
+    """Number of particles in a STAR file (for planning jobs): the data lines of the particle
+    loop (not blank, not a comment) counted in its byte range, without parsing any value
+    (bounded memory: 16 MB at a time; about 1 s for 10⁶ rows, 2 s to parse them)."""
+    path = Path(path)
+    blocks, _ = _load_blocks(path)
+    pblock, _ = _pick_blocks(path, blocks)
+    if pblock.simple is not None:
+        return len(_simple_to_frame(pblock.simple))
+    n, rest = 0, b""
+    with open(path, "rb") as fh:
+        fh.seek(pblock.data_start)
+        left = pblock.end - pblock.data_start
+        while left > 0:
+            chunk = fh.read(min(1 << 24, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            text = rest + chunk
+            cut = text.rfind(b"\n") + 1
+            text, rest = text[:cut], text[cut:]
+            n += text.count(b"\n")
+            if b"#" in text or b"\n\n" in text or _BLANK_LINE.search(text) or _BLANK_FIRST.match(text):
+                # the rare case (blank or comment lines): look at the lines
+                n -= sum(1 for ln in text.split(b"\n")[:-1] if not ln.strip() or ln.lstrip().startswith(b"#"))
+    if rest.strip() and not rest.lstrip().startswith(b"#"):
+        n += 1
+    return n
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]+\n")
+_BLANK_FIRST = re.compile(rb"[ \t\r\f\v]*\n")
 
 
 def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.DataFrame | None, *,

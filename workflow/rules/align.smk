@@ -18,8 +18,7 @@ rule align:
         bench_of("align/{chunk}")
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=240,
+        **resources_of("align"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -35,6 +34,10 @@ rule merge_align:
         f"{R['align']}/hemnma.star",
     log:
         log_of("merge_align"),
+    benchmark:
+        bench_of("merge_align")
+    resources:
+        **resources_of("merge_align"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -52,6 +55,10 @@ rule filter:
         summary=f"{R['filter']}/summary.json",
     log:
         log_of("filter"),
+    benchmark:
+        bench_of("filter")
+    resources:
+        **resources_of("filter"),
     conda:
         "../../envs/core.yaml"
     shell:

@@ -56,9 +56,34 @@ def n_particles():
     return _count_particles(particles_star())
 
 
-CHUNKS = _pp.plan_chunks(n_particles(), config)  # known at parse time: no checkpoint needed
+N_PARTICLES = n_particles()
+CHUNKS = _pp.plan_chunks(N_PARTICLES, config)  # known at parse time: no checkpoint needed
 SET1 = [c["name"].split("/")[1] for c in CHUNKS if c["set"] == "set1"]  # align jobs
 SET2 = [c["name"].split("/")[1] for c in CHUNKS if c["set"] == "set2"]  # predict shards (sorted)
+
+
+# ------------------------------------------------------------------ resources follow the data
+# Each job's mem_mb and runtime (minutes) come from the formulas of deephemnma/plan.py (one
+# place, documented there) with this run's N, boxes, chunk sizes and training length, and the
+# per-particle costs measured by bench/bench_scale.py: a SLURM job asks for what it needs.
+from deephemnma import plan as _plan  # noqa: E402
+
+RUN = _plan.run_from_config(
+    config, N_PARTICLES, int(config["simulate"]["box"]) if SIMULATING else _plan.star_box(particles_star())
+)
+
+
+def resources_of(rule, threads=1, **extra):
+    """``resources:`` of ``rule``: mem_mb and runtime from deephemnma.plan.job_resources (memory
+    and runtime grow with the attempt: a job killed for either asks for more when retried)."""
+
+    def mem_mb(wildcards, attempt):
+        return _plan.job_resources(rule, RUN, threads=threads, attempt=attempt)["mem_mb"]
+
+    def runtime(wildcards, attempt):
+        return _plan.job_resources(rule, RUN, threads=threads, attempt=attempt)["runtime"]
+
+    return {"mem_mb": mem_mb, "runtime": runtime, **extra}
 
 
 def reference_file():

@@ -18,6 +18,8 @@ rule landscape:
     benchmark:
         bench_of("landscape")
     threads: 2
+    resources:
+        **resources_of("landscape", threads=2),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -40,6 +42,10 @@ checkpoint groups:
         plot=report(f"{R['groups']}/landscape_groups.png", caption="../report/groups.rst", category="4. Landscape"),
     log:
         log_of("groups"),
+    benchmark:
+        bench_of("groups")
+    resources:
+        **resources_of("groups"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -80,8 +86,7 @@ rule reconstruct:
         bench_of("reconstruct/group_{g}")
     threads: 1  # CPU maps are computed on one thread (same bytes on any machine); groups run in parallel
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **resources_of("reconstruct"),
     conda:
         "../../envs/torch-gpu.yaml"
     shell:
@@ -102,6 +107,10 @@ rule animate:
         cxc=f"{R['animate']}/chimerax.cxc",
     log:
         log_of("animate"),
+    benchmark:
+        bench_of("animate")
+    resources:
+        **resources_of("animate"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -120,6 +129,10 @@ rule evaluate_hemnma:
         summary=f"{R['evaluate']}/hemnma/summary.json",
     log:
         log_of("evaluate_hemnma"),
+    benchmark:
+        bench_of("evaluate_hemnma")
+    resources:
+        **resources_of("evaluate_hemnma"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -142,6 +155,10 @@ rule evaluate_predicted:
         summary=f"{R['evaluate']}/predicted/summary.json",
     log:
         log_of("evaluate_predicted"),
+    benchmark:
+        bench_of("evaluate_predicted")
+    resources:
+        **resources_of("evaluate_predicted"),
     conda:
         "../../envs/core.yaml"
     shell:

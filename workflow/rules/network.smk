@@ -49,9 +49,7 @@ rule train:
         bench_of("train")
     threads: 1  # per rank (SLURM: --cpus-per-task of each of the job's tasks)
     resources:
-        mem_mb=8000,
-        runtime=24 * 60,
-        **TRAIN_RESOURCES,
+        **resources_of("train", threads=TRAIN_RANKS, **TRAIN_RESOURCES),
     params:
         launch=train_launch,
     conda:
@@ -82,9 +80,7 @@ rule predict:
         bench_of("predict/{chunk}")
     threads: 1  # on CPU one thread per shard (same bytes on any machine); shards run in parallel
     resources:
-        mem_mb=4000,
-        runtime=60,
-        **PREDICT_RESOURCES,
+        **resources_of("predict", **PREDICT_RESOURCES),
     conda:
         "../../envs/torch-gpu.yaml"
     shell:
@@ -101,6 +97,10 @@ rule merge_predict:
         summary=f"{R['predict']}/summary.json",
     log:
         log_of("merge_predict"),
+    benchmark:
+        bench_of("merge_predict")
+    resources:
+        **resources_of("merge_predict"),
     conda:
         "../../envs/core.yaml"
     shell:

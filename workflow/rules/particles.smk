@@ -18,8 +18,7 @@ if SIMULATING:
             bench_of("simulate")
         threads: 2
         resources:
-            mem_mb=4000,
-            runtime=120,
+            **resources_of("simulate", threads=2),
         conda:
             "../../envs/core.yaml"
         shell:
@@ -46,8 +45,7 @@ rule preprocess_chunk:
         bench_of("preprocess/{set}_{chunk}")
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=60,
+        **resources_of("preprocess_chunk"),
     conda:
         "../../envs/core.yaml"
     shell:
@@ -68,7 +66,11 @@ rule preprocess_index:
         manifest=f"{R['preprocess']}/preprocess.json",
     log:
         log_of("preprocess_index"),
+    benchmark:
+        bench_of("preprocess_index")
     threads: 1
+    resources:
+        **resources_of("preprocess_index"),
     conda:
         "../../envs/core.yaml"
     shell:

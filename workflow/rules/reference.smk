@@ -29,8 +29,7 @@ rule nma:
         bench_of("nma")
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **resources_of("nma", threads=2),
     conda:
         "../../envs/core.yaml"
     shell:

@@ -14,6 +14,10 @@ rule report:
         report(f"{OUT}/report.html", caption="../report/report.rst", category="0. Summary"),
     log:
         log_of("report"),
+    benchmark:
+        bench_of("report")
+    resources:
+        **resources_of("report"),
     conda:
         "../../envs/core.yaml"
     shell:
