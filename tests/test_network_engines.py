@@ -32,7 +32,7 @@ epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 out.mkdir(parents=True, exist_ok=True)
 s = TrainSettings.from_config({"seed": 0, "network": dict(recipe="fast", arch="resnet10", hidden=[64, 32], dropout=0.5, epochs=epochs, batch_size=4,
                                    accumulate=accumulate, lr=1e-3, warmup_epochs=0, schedule="constant",
-                                   num_workers=0, val_fraction=0.25, engine=engine, device="cpu")})
+                                   num_workers=0, val_fraction=0.25, test_fraction=0.0, engine=engine, device="cpu")})
 r = train(star, out, s)
 state = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
 torch.save({"state": state, "history": r.history, "world": r.engine.world_size},

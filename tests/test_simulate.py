@@ -340,8 +340,13 @@ def test_cli_nma_simulate_preprocess(ak_dir, tmp_path, run_cli):
     truth = read_star(out / "ground_truth.star").particles
     assert len(truth) == 12 and "dhnmaAmplitude009" in truth
     assert (out / "simulate.log").is_file() and len(list((out / "stacks").glob("particles_*.mrcs"))) == 3
-    r = run_cli("preprocess", "--particles", out / "particles.star", "--outdir", tmp_path / "prep",
-                "--set", "preprocess.box=32", "--set", "preprocess.set1_size=8", "--set", "preprocess.chunk_size=4")
+    prep = ["--particles", out / "particles.star", "--outdir", tmp_path / "prep",
+            "--set", "preprocess.box=32", "--set", "preprocess.set1_size=8", "--set", "preprocess.chunk_size=4"]
+    # 12 particles are too few to detect the contrast polarity: one line saying so, no output
+    r = run_cli("preprocess", *prep)
+    assert r.returncode == 2 and "fewer than 20 particles" in r.stderr and "invert_contrast" in r.stderr, r.stderr
+    assert not (tmp_path / "prep" / "set1.star").exists()
+    r = run_cli("preprocess", *prep, "--set", "data.invert_contrast=false")
     assert r.returncode == 0, r.stderr
     assert len(read_star(tmp_path / "prep/set1.star")) == 8 and len(read_star(tmp_path / "prep/set2.star")) == 4
     bad = run_cli("simulate", "--modes", tmp_path / "missing.npz", "--outdir", tmp_path / "x")

@@ -115,7 +115,8 @@ class PolarityDecision:
         return (f"contrast polarity {self.polarity} (z = {self.zscore:+.1f}, |z| ≥ {self.threshold:g} to decide; "
                 f"{self.n_particles} particles, {100 * e.get('fraction_positive', float('nan')):.0f}% scoring white, "
                 f"sign test z = {e.get('sign_test_z', float('nan')):+.1f}, profile correlation "
-                f"{e.get('profile_correlation', float('nan')):+.2f}; {self.method})")
+                f"{e.get('profile_correlation', float('nan')):+.2f}; {self.method}"
+                + (f"; {e['reason']})" if e.get("reason") else ")"))
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -622,15 +622,7 @@ class VAETask(Task):
         self.labels = labels_of(train.table, model) if self.labelled else None
         self.label_prior = (ParameterPrior.from_table(train.table, model, kind=s.render_prior,
                                                       bandwidth=s.render_bandwidth) if self.labelled else None)
-        # ---- the prior on the amplitudes
-        if s.vae_prior == "thermal":
-            shape = thermal_shape(modes_path, model.mode_numbers)
-            c0 = thermal_scale(shape, model.vectors, s.vae_prior_rmsd)
-            prior_mean, prior_log_scale, learn = np.zeros(M), math.log(c0), True
-        else:
-            amp = self.labels[2]
-            shape = np.where(amp.std(0) > 0, amp.std(0), 1.0)
-            prior_mean, prior_log_scale, learn = amp.mean(0), 0.0, False
+        prior_mean, prior_log_scale, learn, shape = self._amplitude_prior(s, model, modes_path)
         # ---- calibration
         if ckpt is not None:
             cal = ckpt["calibration"]
@@ -686,6 +678,16 @@ class VAETask(Task):
                                                          self.model.prior_std().detach().cpu().numpy())),
                  self.calibration_source, cal["gain"], self.pretrain_steps, self.total_steps, self.n_pool,
                  "" if self.extra is None else f" (set 1 + {len(self.extra)} more)")
+
+    def _amplitude_prior(self, s, model, modes_path) -> tuple[np.ndarray, float, bool, np.ndarray]:
+        """The prior on the amplitudes: (mean, log of its scale c, whether c is learnt, the
+        per-mode shape whose product with c is the prior's standard deviation)."""
+        if s.vae_prior == "thermal":
+            shape = thermal_shape(modes_path, model.mode_numbers)
+            c0 = thermal_scale(shape, model.vectors, s.vae_prior_rmsd)
+            return np.zeros(model.n_modes), math.log(c0), True, shape
+        amp = self.labels[2]
+        return amp.mean(0), 0.0, False, np.where(amp.std(0) > 0, amp.std(0), 1.0)
 
     def _refiner(self, model, ctf) -> PhysicsDecoder:
         """The decoder of the per-particle pose refinement: half the box (boxes ≥ 48) with the
