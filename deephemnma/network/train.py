@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..core.errors import ConfigError, InputError
@@ -220,7 +219,7 @@ def make_task(s: TrainSettings, engine: Engine, particles, val_particles=None, d
 
         model = load_model(modes, select=amplitude_modes(train_set.table.columns) or None)
     if s.model == "vae":  # the VAE with the physics decoder (network.model: vae)
-        from .vae import VAETask
+        from .vae_task import VAETask
 
         if model is None:
             raise InputError(None, "the VAE decodes through the reference: give the modes file (--modes, written by "

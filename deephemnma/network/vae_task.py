@@ -1,0 +1,562 @@
+"""Training of the VAE (:mod:`.vae`): :class:`VAETask`, run by :func:`.loop.fit` on any engine
+with exact resume — pose-prediction steps on rendered particles alternated with
+reconstruction steps on the particles (the negative evidence lower bound through the physics
+decoder), calibration from HEMNMA's labels or from the images alone
+(:func:`calibrate_unlabelled`), and the pool of particles the reconstruction draws from
+(image set 1, or set 1 and set 2 with ``network.vae_data: all``). The model, its decoder and
+its inference live in :mod:`.vae` (which ``deephemnma predict`` imports without the training
+engines)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core.ctf import CTFParams
+from ..core.errors import ConfigError, InputError
+from ..core.geometry import angular_error, matrix_to_euler
+from ..core.imageops import normalise_background
+from ..core.logs import get_logger
+from .data import ParticleSet
+from .engines import Engine
+from .loop import Task
+from .posegrid import CALIBRATION_PARTICLES, ctf_mode_of, labels_of
+from .posenet import PoseNetConfig, loss_terms
+from .render import (
+    ANGLES,
+    ORIGINS,
+    ParameterPrior,
+    ParticleRenderer,
+    RenderSettings,
+    amplitude_columns_for,
+    calibrate,
+    random_rotations,
+    ring_power,
+    seeded_generator,
+)
+from .targets import test_block
+from .vae import (
+    CHORD_10DEG,
+    DISTILL_WEIGHT,
+    POSE_DELTA_RANGE,
+    PRETRAINING_PENALTY,
+    RECON_RAMP,
+    SELF_CALIBRATION_TOLERANCE,
+    PhysicsDecoder,
+    PoseVAE,
+    gauss_newton_fit,
+    posterior_rmsd,
+    soft_bound,
+    thermal_scale,
+    thermal_shape,
+    vae_answers,
+)
+
+log = get_logger(__name__)
+
+
+def soft_background_mask(d: int, radius: float, edge: float = 3.0) -> np.ndarray:
+    """(d, d) weights: 0 inside ``radius`` pixels of the centre (d//2), a raised cosine to 1
+    over ``edge`` pixels outside it."""
+    g = np.arange(d) - d // 2
+    r = np.sqrt(g[:, None] ** 2 + g[None, :] ** 2)
+    t = np.clip((r - radius) / edge, 0, 1)
+    return 0.5 - 0.5 * np.cos(np.pi * t)
+
+
+@torch.no_grad()
+def calibrate_unlabelled(renderer: ParticleRenderer, images: np.ndarray, amplitudes: np.ndarray,
+                         seed: int = 0, batch: int = 128) -> dict:
+    """Gain, transfer and noise spectrum from particle images without any label.
+
+    Noise: the periodogram of each image's background — the pixels outside the circle of
+    ``background_radius``·d/2 the preprocessing normalised on, under a soft mask ``w`` (mean
+    removed), divided by mean(w²) — per ring (``noise_bins_per_px`` bins per Fourier pixel),
+    averaged over the images. Signal: the image power minus that noise, per ring, compared
+    with the power of the reference's renders (``amplitudes``, uniform orientations, the
+    particles' own CTF rows, no gain) by a weighted fit ``log(signal/render) = a + b k²``
+    over the rings where the signal is at least a tenth of the noise: gain = e^{a/2},
+    transfer(k) = e^{b k²/2} (clipped to [0.1, 10]). ``renderer``'s CTF rows are the images'
+    rows. Returns the keys of :func:`.render.calibrate` that the VAE uses."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    n, d = x.shape[0], x.shape[-1]
+    w = torch.as_tensor(soft_background_mask(d, renderer.s.background_radius * d / 2))
+    xm = (x - (x * w).sum((-2, -1), keepdim=True) / w.sum()) * w
+    norm = float((w ** 2).mean())
+    noise = ring_power(xm, renderer.s.noise_bins_per_px) / norm
+    noise_rings = ring_power(xm) / norm
+    g = seeded_generator(seed, 0, 0xCA1)
+    R = random_rotations(n, g)
+    q = torch.as_tensor(np.broadcast_to(np.asarray(amplitudes, np.float64), (n, renderer.model.n_modes)).copy(),
+                        dtype=torch.float32)
+    o = torch.zeros(n, 2)
+    S = torch.cat([renderer.clean(R[a:a + batch].to(renderer.device), o[a:a + batch].to(renderer.device),
+                                  q[a:a + batch].to(renderer.device), torch.arange(a, min(n, a + batch)))
+                   .cpu() for a in range(0, n, batch)])
+    model_power = ring_power(S)
+    image_power = ring_power(x)
+    signal = image_power - noise_rings
+    k = np.arange(len(signal), dtype=np.float64)
+    kmax = d / 2.0 - renderer.s.lowpass_width
+    ok = (k >= 1) & (k <= kmax) & (model_power > 1e-6 * model_power[1:].max()) & (signal > 0.1 * noise_rings)
+    if ok.sum() < 2:
+        raise InputError(None, "the images carry too little signal above their background noise to calibrate the "
+                               "renderer without labels (vae_init scratch): check the contrast polarity and the box")
+    y = np.log(signal[ok] / model_power[ok])
+    wt = (2 * np.pi * np.maximum(k[ok], 0.5)) * (signal[ok] / image_power[ok]) ** 2
+    A = np.stack([np.ones(ok.sum()), k[ok] ** 2], 1)
+    a, b = np.linalg.lstsq(A * np.sqrt(wt)[:, None], y * np.sqrt(wt), rcond=None)[0]
+    transfer = np.clip(np.exp(0.5 * b * k ** 2), 0.1, 10.0)
+    return {"gain": float(np.exp(0.5 * a)), "transfer": transfer, "noise_power": noise,
+            "noise_power_rings": noise_rings, "image_power": image_power, "signal_power": signal,
+            "rings_fitted": int(ok.sum()), "envelope_b": float(b)}
+
+
+# ----------------------------------------------------------------------------- particles
+class ParticlePool:
+    """Several :class:`.data.ParticleSet` images as one index space (read lazily)."""
+
+    def __init__(self, sets: list[ParticleSet]):
+        self.sets = [s for s in sets if s is not None and len(s)]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        box = self.sets[0].box
+        out = np.empty((len(idx), box, box), np.float32)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        for j in np.unique(which):
+            sel = np.flatnonzero(which == j)
+            out[sel] = self.sets[j].images.read(idx[sel] - self.offsets[j])
+        return out
+
+
+def set2_beside(train: ParticleSet) -> Path:
+    """The set2.star of the preprocessing that made these set-1 particles: the folder above the
+    folder of their image stacks (results/preprocess/set1/chunk_NNNN.mrcs → results/preprocess)."""
+    stack = Path(train.images.files[int(train.images.file_idx[0])]).resolve()
+    return stack.parent.parent / "set2.star"
+
+
+def extra_particles(s, train: ParticleSet, data_dir=None) -> ParticleSet | None:
+    """The unlabelled particles added to the reconstruction (``vae_data: all``)."""
+    if s.vae_data != "all":
+        return None
+    from .data import load_particles
+
+    paths = list(s.vae_particles or [])
+    if not paths:
+        p = set2_beside(train)
+        if not p.exists():
+            raise InputError(p, "network.vae_data all: no set2.star beside the preprocessed set 1; give the other "
+                                "particles in network.vae_particles")
+        paths = [p]
+    extra = load_particles(paths, data_dir, labels=False, exclude_flagged=False)
+    if (extra.box, round(extra.pixel_size, 4)) != (train.box, round(train.pixel_size, 4)):
+        raise InputError(extra.sources[0], f"these particles ({extra.box} px, {extra.pixel_size:.4g} Å/px) differ from "
+                         f"the training particles ({train.box} px, {train.pixel_size:.4g} Å/px)")
+    return extra
+
+
+# ----------------------------------------------------------------------------- the task
+class VAETask(Task):
+    """The VAE on any engine through :func:`.loop.fit` (see the module docstring)."""
+
+    kind = "vae"
+    loss_names = ("pose", "rotation", "amplitudes", "shifts", "posterior", "reconstruction", "kl", "distill")
+
+    def __init__(self, s, engine: Engine, train: ParticleSet, val, test, info: dict, model, modes_path,
+                 data_dir=None):
+        if s.formulation != "posegrid":
+            raise ConfigError("network.model vae needs network.recipe grid: its encoder is the grid network")
+        self.labelled = s.vae_init == "regressor"
+        if s.vae_prior == "hemnma" and not self.labelled:
+            raise ConfigError("network.vae_prior hemnma is HEMNMA's amplitudes: with vae_init scratch (no labels) "
+                              "use the thermal prior")
+        self.s, self.engine, self.device = s, engine, engine.device
+        self.elastic, self.modes_path = model, modes_path
+        self.train_set, self.val_set, self.test_set = train, val, test
+        self.extra = extra_particles(s, train, data_dir)
+        self.pool = ParticlePool([train, self.extra])
+        self.n_pool = len(self.pool)
+        # CTF rows: the pool's, then validation and test particles' (decoded, never sampled)
+        parts = [p for p in (train, self.extra, val, test) if p is not None]
+        self.ctf_offset = {"val": self.n_pool, "test": self.n_pool + (0 if val is None else len(val))}
+        tables = [p.table for p in parts]
+        has_ctf = all("rlnDefocusU" in t.columns for t in tables)
+        ctf = CTFParams.from_table(pd.concat(tables, ignore_index=True)) if has_ctf else None
+        if not has_ctf and any("rlnDefocusU" in t.columns for t in tables):
+            raise InputError(None, "some particles have CTF parameters and others not")
+        self.settings = RenderSettings(box=train.box, pixel_size=train.pixel_size, ctf_mode=ctf_mode_of(train.table),
+                                       oversample=s.render_oversample)
+        self.renderer = ParticleRenderer(model, self.settings, None, ctf, seed=s.seed, device=self.device)
+        rng = np.random.default_rng([s.seed, 0xCA1])
+        self.cal_rows = np.sort(rng.permutation(len(train))[:CALIBRATION_PARTICLES])
+        self.cal_images = train.images.read(self.cal_rows)
+        self.cal_renderer = ParticleRenderer(model, self.settings, None, None if ctf is None else ctf[self.cal_rows],
+                                             seed=s.seed, device="cpu")
+        self.shift_range = float(s.vae_shift_range if s.vae_shift_range is not None
+                                 else 0.05 * train.box * train.pixel_size)
+        M = model.n_modes
+        ckpt = self._init_checkpoint(s, train)
+        # ---- labels (regressor) — the renders' amplitudes/origins and the real labelled images
+        self.labels = labels_of(train.table, model) if self.labelled else None
+        self.label_prior = (ParameterPrior.from_table(train.table, model, kind=s.render_prior,
+                                                      bandwidth=s.render_bandwidth) if self.labelled else None)
+        prior_mean, prior_log_scale, learn, shape = self._amplitude_prior(s, model, modes_path)
+        # ---- calibration
+        if ckpt is not None:
+            cal = ckpt["calibration"]
+            self.calibration_source = f"the grid checkpoint {s.vae_init_checkpoint}"
+        elif self.labelled:
+            cal = calibrate(self.cal_renderer, self.cal_images, train.table.iloc[self.cal_rows])
+            self.calibration_source = "HEMNMA's labels (residuals of set 1 against the renders of its labels)"
+        else:
+            cal = calibrate_unlabelled(self.cal_renderer, self.cal_images, prior_mean, seed=s.seed)
+            self.calibration_source = "the images (background noise; image power minus noise vs the renders)"
+        transfer = np.ones(train.box // 2 + 1) if cal.get("transfer") is None else np.asarray(cal["transfer"])
+        noise = np.asarray(cal["noise_power"], np.float64)
+        # ---- the encoder
+        if ckpt is not None:
+            cfg = PoseNetConfig(**{k: v for k, v in ckpt["model_config"].items() if k != "modes"})
+            enc_state = ckpt["model_state"]
+            amp_mean, amp_std = enc_state["amp_mean"].numpy(), enc_state["amp_std"].numpy()
+            shift_scale = float(enc_state["shift_scale"])
+        else:
+            cfg = PoseNetConfig(n_amplitudes=M, arch=s.arch, input_box=min(s.input_box, train.box),
+                                n_directions=s.grid_directions, n_inplane=s.grid_inplane, hidden=int(s.hidden[0]),
+                                width=s.width)
+            if self.labelled:
+                amp = self.labels[2]
+                amp_mean, amp_std = amp.mean(0), np.where(amp.std(0) > 0, amp.std(0), 1.0)
+                shift_scale = float(max(self.labels[1].std(), 1e-3))
+            else:
+                amp_mean, amp_std = prior_mean, math.exp(prior_log_scale) * shape
+                shift_scale = max(self.shift_range / math.sqrt(3), 1e-3)
+        torch.manual_seed(s.seed)
+        self.model = PoseVAE(cfg, amp_mean, amp_std, shift_scale, prior_mean=prior_mean, prior_shape=shape,
+                             prior_log_scale=prior_log_scale, learn_prior=learn, gain=cal["gain"], transfer=transfer,
+                             noise_power=noise, n_transfer=len(transfer), n_noise=len(noise)).to(self.device)
+        if ckpt is not None:
+            self.model.encoder.load_state_dict(ckpt["model_state"])
+        self.decoder = PhysicsDecoder(self.renderer, self.model)
+        self.refiner = self._refiner(model, ctf)
+        self.initial_calibration = self.model.calibration()
+        self.background_noise = np.asarray(noise)  # scratch: measured on the background, pose-independent
+        self.model_config = {"encoder": cfg.to_dict(), "modes": [int(m) for m in model.mode_numbers],
+                             "prior": s.vae_prior, "n_transfer": len(transfer), "n_noise": len(noise)}
+        self.data_info = {**info, "ctf_mode": self.settings.ctf_mode, "vae_data": s.vae_data,
+                          "n_extra": 0 if self.extra is None else len(self.extra),
+                          "extra_sources": [] if self.extra is None else [str(p) for p in self.extra.sources]}
+        self.steps_per_epoch = int(s.steps_per_epoch)
+        self.global_batch = s.batch_size * s.accumulate * engine.world_size
+        self.total_steps = s.epochs * self.steps_per_epoch
+        self.pretrain_steps = 0 if ckpt is not None else int(round(s.vae_pretrain * self.total_steps))
+        self.self_calibrate = not self.labelled
+        log.info("VAE (%s): %d² at %.4g Å/px, prior %s (%s), calibration from %s: gain %+.3g; %d pretraining steps "
+                 "of %d; reconstruction on %d particles%s", s.vae_init, train.box, train.pixel_size, s.vae_prior,
+                 ", ".join(f"σ{m} {v:.3g}" for m, v in zip(model.mode_numbers,
+                                                         self.model.prior_std().detach().cpu().numpy())),
+                 self.calibration_source, cal["gain"], self.pretrain_steps, self.total_steps, self.n_pool,
+                 "" if self.extra is None else f" (set 1 + {len(self.extra)} more)")
+
+    def _amplitude_prior(self, s, model, modes_path) -> tuple[np.ndarray, float, bool, np.ndarray]:
+        """The prior on the amplitudes: (mean, log of its scale c, whether c is learnt, the
+        per-mode shape whose product with c is the prior's standard deviation)."""
+        if s.vae_prior == "thermal":
+            shape = thermal_shape(modes_path, model.mode_numbers)
+            c0 = thermal_scale(shape, model.vectors, s.vae_prior_rmsd)
+            return np.zeros(model.n_modes), math.log(c0), True, shape
+        amp = self.labels[2]
+        return amp.mean(0), 0.0, False, np.where(amp.std(0) > 0, amp.std(0), 1.0)
+
+    def _refiner(self, model, ctf) -> PhysicsDecoder:
+        """The decoder of the per-particle pose refinement: half the box (boxes ≥ 48) with the
+        atoms lumped on a grid of 1.5 pixels of that level, else the decoder itself."""
+        d, px = self.settings.box, self.settings.pixel_size
+        if d < 48:
+            return self.decoder
+        dc = d // 2
+        pc = px * d / dc
+        rs = RenderSettings(box=dc, pixel_size=pc, ctf_mode=self.settings.ctf_mode, lowpass_width=1.0,
+                            background_radius=self.settings.background_radius)
+        rend = ParticleRenderer(model.coarse(1.5 * pc), rs, None, ctf, seed=self.s.seed, device=self.device)
+        return PhysicsDecoder(rend, self.model, image_box=d, image_pixel_size=px)
+
+    def _init_checkpoint(self, s, train: ParticleSet) -> dict | None:
+        if not (self.labelled and s.vae_init_checkpoint):
+            return None
+        from .checkpoint import load_checkpoint
+
+        ck = load_checkpoint(s.vae_init_checkpoint)
+        if ck.get("task") != "posegrid":
+            raise InputError(s.vae_init_checkpoint, f"network.vae_init_checkpoint must be a grid network's checkpoint "
+                                                    f"(task posegrid), not {ck.get('task', 'regressor')!r}")
+        if [int(m) for m in ck["model_config"].get("modes", [])] != [int(m) for m in self.elastic.mode_numbers]:
+            raise InputError(s.vae_init_checkpoint, f"the grid network predicts modes {ck['model_config'].get('modes')}, "
+                                                    f"the VAE decodes modes {self.elastic.mode_numbers.tolist()}")
+        d = ck["data"]
+        if d["box"] != train.box or abs(d["pixel_size"] - train.pixel_size) > 1e-3 * train.pixel_size:
+            raise InputError(s.vae_init_checkpoint, f"the grid network was trained on {d['box']}² at "
+                             f"{d['pixel_size']:.4g} Å/px, these particles are {train.box}² at {train.pixel_size:.4g}")
+        return ck
+
+    # ---- checkpoints
+    def state(self) -> dict:
+        return {"calibration": self.model.calibration(), "initial_calibration": self.initial_calibration,
+                "mode_numbers": self.model_config["modes"], "vae": {"init": self.s.vae_init,
+                                                                   "calibration_source": self.calibration_source}}
+
+    def same_state(self, saved: dict) -> bool:
+        c = saved.get("initial_calibration") or {}
+        return c.get("gain") == self.initial_calibration["gain"] and \
+            c.get("noise_power") == self.initial_calibration["noise_power"]
+
+    # ---- schedule
+    def step_kind(self, epoch: int, step: int) -> str:
+        """``pose`` or ``recon`` for optimiser step ``step`` of ``epoch``."""
+        g = epoch * self.steps_per_epoch + step
+        if g < self.pretrain_steps:
+            return "pose"
+        j = g - self.pretrain_steps
+        f = self.s.vae_pose_fraction
+        return "pose" if math.floor((j + 1) * f + 1e-9) > math.floor(j * f + 1e-9) else "recon"
+
+    def recon_ramp(self, epoch: int, step: int) -> float:
+        """Weight of the reconstruction losses: linear from 0 to 1 over the first
+        :data:`RECON_RAMP` of the steps after pretraining (an untrained posterior head meets a
+        sharp likelihood: full weight at once blew the shared features up on the toy)."""
+        g = epoch * self.steps_per_epoch + step - self.pretrain_steps
+        n = max(1.0, RECON_RAMP * (self.total_steps - self.pretrain_steps))
+        return float(min(1.0, (g + 1) / n))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.self_calibrate and epoch * self.steps_per_epoch >= self.pretrain_steps and epoch > 0:
+            self.recalibrate()
+
+    @torch.no_grad()
+    def recalibrate(self) -> None:
+        """Self-calibration: :func:`.render.calibrate` on the VAE's own answers for the
+        calibration particles (rotation, origins, posterior mean)."""
+        pred = self.predict_images(self.cal_images)
+        table = pd.DataFrame(np.concatenate([matrix_to_euler(pred["rotations"]), pred["origins"],
+                                             pred["amplitudes"]], 1),
+                             columns=ANGLES + ORIGINS + amplitude_columns_for(self.elastic))
+        cal = calibrate(self.cal_renderer, self.cal_images, table)
+        nb = int(self.decoder.kmax * self.settings.noise_bins_per_px) + 1
+        ratio = float(np.mean(cal["noise_power"][1:nb]) / np.mean(self.background_noise[1:nb]))
+        if ratio > SELF_CALIBRATION_TOLERANCE:  # the answers do not explain the images yet: keep the calibration
+            log.info("self-calibration not applied: the residuals of the VAE's fits have %.2f × the background's noise "
+                     "power (poses or conformations not found yet)", ratio)
+            return
+        self.model.set_calibration(cal["gain"], cal["transfer"], cal["noise_power"])
+        self.decoder.refresh()
+        self.refiner.refresh()
+        log.info("self-calibration on the VAE's answers: gain %+.3g", cal["gain"])
+
+    # ---- data
+    def micro_batches(self, epoch: int):
+        s, rank = self.s, self.engine.rank
+        for step in range(self.steps_per_epoch):
+            kind = self.step_kind(epoch, step)
+            for k in range(s.accumulate):
+                key = step * 1_000_003 + rank * s.accumulate + k
+                yield self.pose_batch(epoch, step, key) if kind == "pose" else self.recon_batch(epoch, key)
+
+    @torch.no_grad()
+    def render(self, epoch: int, key: int, n: int) -> dict:
+        """``n`` rendered particles with exact labels, a function of (seed, epoch, key)."""
+        dev, M = self.device, self.elastic.n_modes
+        g = seeded_generator(self.s.seed, epoch, key, dev)
+        R = random_rotations(n, g, dev)
+        if self.labelled:
+            q, o = self.label_prior.sample(n, g, dev)
+        else:
+            q = self.model.prior_mean + torch.randn(n, M, generator=g, device=dev) * self.model.prior_std().detach()
+            o = (torch.rand(n, 2, generator=g, device=dev) * 2 - 1) * self.shift_range
+        nrows = 1 if self.renderer.ctf is None else self.n_pool
+        ci = torch.randint(nrows, (n,), generator=g, device=dev)
+        noise = self.decoder.noise_images(n, g)
+        img = self.decoder.image(R, o, q, ci) + noise
+        img = normalise_background(img, self.settings.background_radius * self.settings.box / 2).float()
+        return {"image": img[:, None], "rotations": R, "amplitudes": q.float(), "origins": o.float()}
+
+    def pose_batch(self, epoch: int, step: int, key: int) -> dict:
+        s = self.s
+        n_real = 0
+        if self.labelled:
+            frac = (epoch * self.steps_per_epoch + step) / max(1, self.total_steps)
+            n_real = int(round(s.batch_size * s.real_fraction)) if frac >= s.real_after else 0
+        b = self.render(epoch, key, s.batch_size - n_real)
+        if n_real:
+            g = seeded_generator(s.seed + 1, epoch, key)
+            idx = torch.randint(len(self.train_set), (n_real,), generator=g).numpy()
+            R, o, q = (x[idx] for x in self.labels)
+            dev = self.device
+            real = {"image": torch.as_tensor(self.pool.read(idx), device=dev)[:, None],
+                    "rotations": torch.as_tensor(R, dtype=torch.float32, device=dev),
+                    "origins": torch.as_tensor(o, dtype=torch.float32, device=dev),
+                    "amplitudes": torch.as_tensor(q, dtype=torch.float32, device=dev)}
+            b = {k: torch.cat([b[k], real[k]]) for k in real}
+        return {"kind": "pose", **b}
+
+    def recon_batch(self, epoch: int, key: int) -> dict:
+        g = seeded_generator(self.s.seed + 2, epoch, key)
+        n = self.s.batch_size
+        idx = torch.randint(self.n_pool, (n,), generator=g)
+        eps = torch.randn(n, self.elastic.n_modes, generator=g)
+        dev = self.device
+        return {"kind": "recon", "image": torch.as_tensor(self.pool.read(idx.numpy()), device=dev)[:, None],
+                "ctf_index": idx.to(dev), "eps": eps.to(dev)}
+
+    # ---- losses
+    def elbo_terms(self, out: dict, images: torch.Tensor, ctf_index: torch.Tensor, eps: torch.Tensor | None = None,
+                   refine: int = 0):
+        """(χ² (B,), KL (B,), answers) of images (B, 1, d, d): the rotation decoded from the grid
+        (no gradient) corrected by the local rotation head, the shift head, amplitudes sampled
+        from the posterior (``eps``) or its mean."""
+        vae = self.model
+        R, _ = vae.rotations(out)
+        o = out["shifts"].float() * vae.encoder.shift_scale
+        mu, std, log_std = vae.posterior(out)
+        answers = {"rotations": R, "origins": o, "mu": mu, "std": std}
+        if refine > 0:  # the likelihood at the particle's locally refined pose
+            ref = gauss_newton_fit(self.refiner, images[:, 0], ctf_index, R.detach(), o.detach(), mu.detach(),
+                                   iterations=refine, amplitude_scale=vae.encoder.amp_std)
+            R, o = ref["rotations"], ref["origins"]
+            answers.update(refined_rotations=R, refined_origins=o)
+        q = mu if eps is None else mu + std * eps
+        spec = self.decoder.spectrum(R, o, q, ctf_index)
+        chi2 = self.decoder.chi2(torch.fft.rfft2(images[:, 0].float()), spec)
+        return chi2, vae.kl(mu, std, log_std), answers
+
+    def losses(self, output, batch, epoch, step):
+        s, vae = self.s, self.model
+        # every parameter takes part in every step (DDP and Horovod reduce all gradients)
+        zero = sum(v.float().sum() for v in output.values()) * 0.0 + vae.prior_log_scale * 0.0
+        if batch["kind"] == "pose":
+            frac = (epoch * self.steps_per_epoch + step) / max(1, self.total_steps)
+            sigma = s.grid_sigma if s.grid_sigma_end is None else s.grid_sigma + (s.grid_sigma_end - s.grid_sigma) * frac
+            terms = loss_terms(vae.encoder, output, batch, sigma, s.label_smoothing)
+            qa, _ = vae.encoder.encode_targets(batch["amplitudes"], batch["origins"])
+            lv = soft_bound(output["amp_logvar"].float())
+            terms["posterior"] = 0.5 * (lv + (qa - output["amplitudes"].detach().float()) ** 2 * torch.exp(-lv)).mean()
+            R, R_grid = vae.rotations(output)
+            A = batch["rotations"].float()
+            near = (torch.einsum("bij,bij->b", R_grid, A) - 1) / 2 > math.cos(math.radians(POSE_DELTA_RANGE))
+            chord = ((R - A) ** 2).sum((-2, -1)) / CHORD_10DEG
+            terms["rotation"] = (chord * near).sum() / near.sum().clamp_min(1)
+            # the correction head learns once the grid has (while pretraining it slows the grid's learning)
+            w_rot = 0.0 if epoch * self.steps_per_epoch + step < self.pretrain_steps else 1.0
+            total = terms["pose"] + w_rot * terms["rotation"] + s.amplitude_weight * (terms["amplitudes"] + terms["posterior"]) \
+                + s.shift_weight * terms["shifts"]
+            return total + zero, terms
+        chi2, kl, ans = self.elbo_terms(output, batch["image"], batch["ctf_index"], batch["eps"],
+                                        s.vae_refine_iterations)
+        nb = self.decoder.n_band
+        ramp = self.recon_ramp(epoch, step)
+        total = ramp * (0.5 * chi2 + s.vae_kl_weight * kl).mean() / nb
+        terms = {"reconstruction": chi2.mean().detach() / nb, "kl": kl.mean().detach()}
+        if "refined_rotations" in ans:  # the encoder learns the refined pose (amortised refinement)
+            chord = ((ans["rotations"] - ans["refined_rotations"]) ** 2).sum((-2, -1)) / CHORD_10DEG
+            shift = torch.nn.functional.smooth_l1_loss(ans["origins"] / vae.encoder.shift_scale,
+                                                       ans["refined_origins"] / vae.encoder.shift_scale)
+            terms["distill"] = chord.mean() + shift
+            total = total + ramp * DISTILL_WEIGHT * terms["distill"]
+        return total + zero, terms
+
+    # ---- evaluation
+    @torch.no_grad()
+    def predict_images(self, images: np.ndarray, turns: int = 1, batch: int = 256) -> dict:
+        """Rotations, origins (Å), posterior mean and standard deviation of the amplitudes."""
+        vae = self.model
+        was = vae.training
+        vae.eval()
+        out = []
+        for a in range(0, len(images), batch):
+            x = torch.as_tensor(np.asarray(images[a:a + batch]), device=self.device)[:, None]
+            out.append(vae_answers(vae, x, turns))
+        vae.train(was)
+        return {k: torch.cat([o[k] for o in out]).double().cpu().numpy() for k in out[0]}
+
+    @torch.no_grad()
+    def elbo_of(self, ps: ParticleSet, offset: int, batch: int = 128) -> dict:
+        """Mean χ² and KL per particle of a set (posterior mean, no sampling)."""
+        vae = self.model
+        was = vae.training
+        vae.eval()
+        chi2, kl = [], []
+        for a in range(0, len(ps), batch):
+            idx = np.arange(a, min(len(ps), a + batch))
+            x = torch.as_tensor(ps.images.read(idx), device=self.device)[:, None]
+            c, k, _ = self.elbo_terms(vae(x), x, torch.as_tensor(idx + offset, device=self.device))
+            chi2.append(c.cpu())
+            kl.append(k.cpu())
+        vae.train(was)
+        return {"chi2": torch.cat(chi2).double().numpy(), "kl": torch.cat(kl).double().numpy()}
+
+    def validate(self, model, engine: Engine) -> dict:
+        if self.val_set is None or not engine.is_main:
+            return {}
+        e = self.elbo_of(self.val_set, self.ctf_offset["val"])
+        nb = self.decoder.n_band
+        # an epoch of pose steps alone has not trained the posterior: never the best checkpoint once one has
+        pretraining = (getattr(self, "epoch", 0) + 1) * self.steps_per_epoch <= self.pretrain_steps
+        row = {"val_loss": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb + (PRETRAINING_PENALTY if pretraining else 0.0),
+               "val_neg_elbo": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb, "val_chi2_per_coefficient":
+               float(e["chi2"].mean()) / nb, "val_kl": float(e["kl"].mean()), "n_val": len(self.val_set),
+               "prior_scale": float(torch.exp(self.model.prior_log_scale.detach())), "gain": float(self.model.gain.detach())}
+        pred = self.predict_images(self.val_set.images.read(np.arange(len(self.val_set))))
+        row["val_posterior_rmsd_A"] = float(posterior_rmsd(pred["std"], self.elastic.vectors).mean())
+        if all(c in self.val_set.table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
+            R, o, q = labels_of(self.val_set.table, self.elastic)  # HEMNMA's: reported, never used to choose
+            ref = labels_of(self.train_set.table, self.elastic)[2].mean(0)
+            row.update({"val_angle_error_deg": float(angular_error(pred["rotations"], R).mean()),
+                        "val_angle_median_deg": float(np.median(angular_error(pred["rotations"], R))),
+                        "val_shift_mae_A": float(np.abs(pred["origins"] - o).mean()),
+                        "val_rmsd_A": float(self.elastic.rmsd_between(pred["amplitudes"], q).mean()),
+                        "val_baseline_rmsd_A": float(self.elastic.rmsd_between(np.broadcast_to(ref, q.shape), q).mean())})
+        return row
+
+    def finish(self, model, engine: Engine, out) -> dict:
+        doc = {"model": "vae", "vae_init": self.s.vae_init, "prior": {
+            "kind": self.s.vae_prior, "mean": self.model.prior_mean.cpu().numpy().tolist(),
+            "std": self.model.prior_std().detach().cpu().numpy().tolist(),
+            "scale": float(torch.exp(self.model.prior_log_scale))},
+            "calibration": {"source": self.calibration_source, "gain": float(self.model.gain),
+                            "initial_gain": self.initial_calibration["gain"]}}
+        if self.test_set is None:
+            return doc
+        pred = self.predict_images(self.test_set.images.read(np.arange(len(self.test_set))), turns=self.s.tta_turns)
+        try:
+            R, o, q = labels_of(self.test_set.table, self.elastic)
+        except InputError:
+            return doc
+        train_R, train_o, train_q = labels_of(self.train_set.table, self.elastic)
+        as_raw = (lambda R_, o_, q_: {"angles": matrix_to_euler(R_), "shifts": o_, "amplitudes": q_})
+        doc["test"] = test_block(as_raw(pred["rotations"], pred["origins"], pred["amplitudes"]), as_raw(R, o, q),
+                                 as_raw(train_R, train_o, train_q), self.elastic.vectors)
+        doc["test"]["posterior_rmsd_A"] = float(posterior_rmsd(pred["std"], self.elastic.vectors).mean())
+        doc["test"]["posterior_std"] = pred["std"].mean(0).tolist()
+        return doc
+
+    def log_line(self, row: dict) -> str:
+        msg = (f"loss {row['train_loss']:.4f} (pose {row.get('train_loss_pose', float('nan')):.3f}, reconstruction "
+               f"{row.get('train_loss_reconstruction', float('nan')):.3f}, KL {row.get('train_loss_kl', float('nan')):.2f})")
+        if "val_loss" in row:
+            msg += f"; validation: -ELBO {row['val_neg_elbo']:.4f}, χ²/coefficient {row['val_chi2_per_coefficient']:.3f}"
+        if "val_angle_error_deg" in row:
+            msg += (f", vs HEMNMA: angle {row['val_angle_error_deg']:.1f}° (median {row['val_angle_median_deg']:.1f}°), "
+                    f"shift {row['val_shift_mae_A']:.2f} Å, deformation RMSD {row['val_rmsd_A']:.2f} Å (mean "
+                    f"conformation {row['val_baseline_rmsd_A']:.2f} Å), posterior ±{row['val_posterior_rmsd_A']:.2f} Å")
+        return msg
+
+
+# ----------------------------------------------------------------------------- prediction
