@@ -303,8 +303,8 @@ class ParticleRenderer:
 def labelled_poses(table: pd.DataFrame, model: ElasticModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rotations (n,3,3), origins (n,2) Å, amplitudes (n,M)) float32 from a labelled STAR table."""
     R = torch.as_tensor(euler_to_matrix(table[ANGLES].to_numpy(np.float64)), dtype=torch.float32)
-    o = torch.as_tensor(table[ORIGINS].to_numpy(np.float64), dtype=torch.float32)
-    q = torch.as_tensor(table[amplitude_columns_for(model)].to_numpy(np.float64), dtype=torch.float32)
+    o = torch.tensor(table[ORIGINS].to_numpy(np.float64), dtype=torch.float32)  # a copy: the column may be read-only
+    q = torch.tensor(table[amplitude_columns_for(model)].to_numpy(np.float64), dtype=torch.float32)
     return R, o, q
 
 
