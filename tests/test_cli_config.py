@@ -34,10 +34,13 @@ def test_given_values_kept_and_defaults_added(tmp_path):
     assert cfg["reference"]["atoms"] == "ca"
 
 
-def test_embedded_default_config_is_valid():
+@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "vae.yaml"])
+def test_shipped_configs_are_valid(name):
     from conftest import REPO
 
-    load_config(REPO / "config" / "config.yaml")
+    cfg = load_config(REPO / "config" / name)
+    if name == "vae.yaml":  # the demo with the VAE, into its own results folder
+        assert cfg["network"]["model"] == "vae" and cfg["outdir"] != "results"
 
 
 def test_snakemake_validate_agrees(tmp_path):
