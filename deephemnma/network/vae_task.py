@@ -529,7 +529,7 @@ class VAETask(Task):
         doc = {"model": "vae", "vae_init": self.s.vae_init, "prior": {
             "kind": self.s.vae_prior, "mean": self.model.prior_mean.cpu().numpy().tolist(),
             "std": self.model.prior_std().detach().cpu().numpy().tolist(),
-            "scale": float(torch.exp(self.model.prior_log_scale))},
+            "scale": float(torch.exp(self.model.prior_log_scale.detach()))},
             "calibration": {"source": self.calibration_source, "gain": float(self.model.gain),
                             "initial_gain": self.initial_calibration["gain"]}}
         if self.test_set is None:
