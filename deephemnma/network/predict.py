@@ -151,24 +151,18 @@ def predict_star(checkpoint: str | os.PathLike, particles: str | os.PathLike, ou
 
     state = load_checkpoint(checkpoint)
     dev = pick_device(device, setting="--device")
-    if state.get("task") == "vae":  # the VAE's encoder through amortise, plus the posterior widths
-        from .vae import predict_vae_star
-
+    task = state.get("task")
+    if task in ("vae", "posegrid"):  # refined through the reference by HEMNMA (amortise); the VAE adds posterior widths
+        if task == "vae":
+            from .vae import predict_vae_star as predict_refined
+        else:
+            from .amortise import amortise_star as predict_refined
         if modes is None:
-            raise InputError(checkpoint, "a VAE checkpoint's predictions are refined through the reference: give the "
-                                         "modes file (--modes)")
+            raise InputError(checkpoint, f"a {'VAE' if task == 'vae' else 'grid'} checkpoint's predictions are refined "
+                                         "through the reference: give the modes file (--modes)")
         kw = dict(amortise or {})
-        return predict_vae_star(state, particles, out, modes, kw.pop("align_settings"), data_dir=data_dir, device=dev,
-                                checkpoint_id=_checkpoint_id(checkpoint), **kw)
-    if state.get("task") == "posegrid":
-        from .amortise import amortise_star
-
-        if modes is None:
-            raise InputError(checkpoint, "a grid checkpoint's predictions are refined through the reference: give "
-                                         "the modes file (--modes)")
-        kw = dict(amortise or {})
-        return amortise_star(state, particles, out, modes, kw.pop("align_settings"), data_dir=data_dir, device=dev,
-                             checkpoint_id=_checkpoint_id(checkpoint), **kw)
+        return predict_refined(state, particles, out, modes, kw.pop("align_settings"), data_dir=data_dir, device=dev,
+                               checkpoint_id=_checkpoint_id(checkpoint), **kw)
     model, codec = build_from_checkpoint(state, dev)
     ps = load_particles(particles, data_dir, labels=False)
     check_compatible(state, ps.box, ps.pixel_size, particles)
