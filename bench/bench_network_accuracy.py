@@ -54,9 +54,13 @@ def sh(cmd, **kw) -> float:
 
 
 def bench_config(args) -> dict:
+    import yaml
+
     gpu = args.gpu
-    steps = int(args.train_cpu_hours * 3600 * IMAGES_PER_CPU_S / 64) if not gpu else 20000
+    ranks = 1 if gpu else args.ranks
+    steps = int(args.train_cpu_hours * 3600 * IMAGES_PER_CPU_S / (64 * ranks)) if not gpu else 20000
     epochs = max(1, steps // 200)
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.network)}
     return {
         "outdir": "results", "seed": 0, "data": {"source": "simulate", "invert_contrast": False},
         "reference": {"atoms": "heavy"}, "nma": {"n_select": 3},
@@ -64,9 +68,10 @@ def bench_config(args) -> dict:
                      "pixel_size": 0.325 if gpu else 0.65, "chunk_size": 500},
         "preprocess": {"box": 128 if gpu else 64, "set1_size": args.n_set1, "chunk_size": 500},
         "network": {"recipe": "grid", "epochs": epochs, "steps_per_epoch": 200, "batch_size": 64,
-                    **({"device": "cuda", "input_box": 64} if gpu else {})},
+                    **({"device": "cuda", "input_box": 64} if gpu else {}), **extra},
         "landscape": {"groups": {"method": "bins", "n_bins": 10, "min_size": 100}},
-        "workflow": {"train_engine": "single", "train_ranks": 1, "evaluate": "always"},
+        "workflow": {"train_engine": "single" if ranks == 1 else "auto", "train_ranks": ranks,
+                     "evaluate": "always"},
     }
 
 
@@ -88,14 +93,16 @@ def dh(*args, cwd=None) -> float:
     return sh([sys.executable, "-m", "deephemnma", *map(str, args)], cwd=cwd)
 
 
-def network_alone(res: Path, chunks: list[str]) -> tuple[Path, float]:
-    out = res / "bench" / "network_alone"
+def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
+                  name: str = "network_alone") -> tuple[Path, float]:
+    """A checkpoint's answers for every set-2 chunk without refinement (one thread)."""
+    out = res / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     seconds = 0.0
     for c in chunks:
         star = out / f"{c}.star"
         if not star.exists():
-            seconds += dh("predict", "--checkpoint", res / "network/best.pt", "--modes", res / "nma/modes.npz",
+            seconds += dh("predict", "--checkpoint", checkpoint or res / "network/best.pt", "--modes", res / "nma/modes.npz",
                           "--particles", res / f"preprocess/set2/{c}.star", "--out", star,
                           "--set", "network.refine=none", "--set", "data.invert_contrast=false", "--threads", 1)
     merged = out / "predicted.star"
@@ -103,14 +110,21 @@ def network_alone(res: Path, chunks: list[str]) -> tuple[Path, float]:
     return merged, seconds
 
 
-def hemnma_set2(res: Path, chunks: list[str]) -> tuple[Path, float]:
+def hemnma_set2(res: Path, chunks: list[str], cores: int) -> tuple[Path, float]:
+    """HEMNMA on every set-2 chunk, one thread per chunk, ``cores`` chunks at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out = res / "bench" / "hemnma_set2"
     out.mkdir(parents=True, exist_ok=True)
-    for c in chunks:
-        star = out / f"{c}.star"
-        if not star.exists():
+
+    def one(c: str) -> None:
+        if not (out / f"{c}.star").exists():
             dh("align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", res / "nma/modes.npz",
-               "--out", star, "--summary", out / f"{c}.json", "--config", res / "config/align.yaml", "--threads", 1)
+               "--out", out / f"{c}.star", "--summary", out / f"{c}.json", "--config", res / "config/align.yaml",
+               "--threads", 1)
+
+    with ThreadPoolExecutor(max(1, cores)) as pool:
+        list(pool.map(one, chunks))
     seconds = sum(json.loads((out / f"{c}.json").read_text())["seconds"] for c in chunks)
     merged = out / "hemnma.star"
     dh("merge", "--particles", *[out / f"{c}.star" for c in chunks], "--out", merged)
@@ -154,6 +168,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train-cpu-hours", type=float, default=3.5)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_network_accuracy")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="training ranks on CPU (1: single engine; more: DDP or Horovod, one thread each); "
+                         "the step count is sized so the CPU budget holds")
+    ap.add_argument("--network", action="append", default=[], metavar="KEY=VALUE",
+                    help="network setting for the bench (repeatable), e.g. grid_sigma_end=5")
     ap.add_argument("--gpu", action="store_true", help="128² particles, the paper's split, training on the GPU")
     args = ap.parse_args(argv)
     if args.gpu and args.n_set1 == 5000:
@@ -168,7 +187,7 @@ def main(argv=None) -> int:
     res = args.work / "results"
     chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
     alone, alone_s = network_alone(res, chunks)
-    hem, hem_s = hemnma_set2(res, chunks)
+    hem, hem_s = hemnma_set2(res, chunks, args.cores)
     bench = res / "benchmarks"
     refine_s = sum(cpu_seconds(p) for p in (bench / "predict").glob("chunk_*.tsv"))
     train_cpu_h = cpu_seconds(bench / "train.tsv") / 3600

@@ -1,0 +1,167 @@
+"""The VAE (issue 12) against the regressor and HEMNMA, on the network-accuracy bench's particles.
+
+Runs after ``bench/bench_network_accuracy.py`` in the same work folder: its simulated
+particles (``deephemnma simulate``, voxel densities — never the Gaussian renderer the VAE
+decodes through), its HEMNMA labels of image set 1, its regressor checkpoint and its answers
+for the held-out image set 2 (the regressor alone, HEMNMA). This script trains two VAEs
+(``network.model: vae``) with the bench's training settings:
+
+- ``scratch``: no HEMNMA label at all (``vae_init: scratch``): the renderer is calibrated from
+  the images, rendered amplitudes come from the thermal prior; the reconstruction sees set 1
+  and the unlabelled set 2 (``vae_data: all``), as a user without labels would run it;
+- ``regressor``: the encoder starts from the regressor's checkpoint (``vae_init: regressor``,
+  ``vae_init_checkpoint``) and learns from the images of both sets;
+
+then answers set 2 with each encoder alone (``deephemnma predict --set network.refine=none``)
+and compares all four methods with the ground truth (``deephemnma evaluate``): the paper's
+angle metric (chance ~90°), shift per axis, deformation RMSD (Å) next to predicting the mean
+conformation, with each training's CPU-hours. The posterior's width (``dhnmaAmplitudeStd*``)
+is reported next to the actual amplitude error it should track.
+
+    python bench/bench_network_accuracy.py                # first: particles, labels, regressor
+    python bench/bench_vae.py                             # ≤ 2 CPU-h for the scratch VAE
+    python bench/bench_vae.py --scratch-cpu-hours 0.5 --init-cpu-hours 0.25   # reduced
+    python bench/bench_vae.py --gpu --work W   # W: the work folder of bench_network_accuracy.py --gpu
+
+Writes bench/results/vae.json (vae_gpu.json). Resumable: a finished training or prediction is not redone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_network_accuracy import evaluate, mean_conformation_rmsd, network_alone  # noqa: E402
+from common import write_result  # noqa: E402
+
+#: VAE optimiser steps of one rank per CPU-second on this machine (grid encoder, convnet 16 at
+#: 32², batch 64 per rank, 2 LM iterations per reconstruction step): the VAE demo's 600 steps
+#: on 2 ranks took 616 CPU-s (results_vae/benchmarks/train.tsv)
+RANK_STEPS_PER_CPU_S = 2 * 600 / 616
+
+
+def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: int,
+              steps: int | None = None) -> tuple[Path, float]:
+    """Train one VAE into res/bench/<name> for ``steps`` optimiser steps (default: as many as
+    ``cpu_hours`` buy on this machine's CPU); returns (best.pt, CPU-hours of this training)."""
+    out = res / "bench" / name
+    best = out / "best.pt"
+    cpu_file = out / "cpu_seconds.json"
+    if best.exists() and cpu_file.exists() and (out / "summary.json").exists():
+        return best, json.loads(cpu_file.read_text())["cpu_seconds"] / 3600
+    steps = steps or max(10, int(cpu_hours * 3600 * RANK_STEPS_PER_CPU_S / ranks))
+    per_epoch = min(100, steps)
+    sets = {"network.model": "vae", "network.epochs": max(1, steps // per_epoch), "network.steps_per_epoch": per_epoch,
+            "network.vae_data": "all", "network.vae_particles": [str(res / "preprocess/set2.star")], **overrides}
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "deephemnma"] if ranks > 1 else [sys.executable, "-m", "deephemnma"])
+    cmd = [*launch, "train", "--particles", res / "filter/kept.star", "--modes", res / "nma/modes.npz",
+           "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1, "--resume", "auto"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
+    print("+", " ".join(map(str, cmd)), flush=True)
+    before = os.times()
+    subprocess.run(list(map(str, cmd)), check=True)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    cpu_file.write_text(json.dumps({"cpu_seconds": cpu}))
+    return best, cpu / 3600
+
+
+def posterior_vs_error(res: Path, star: Path) -> dict:
+    """Mean posterior std of each amplitude next to the RMS of its actual error on set 2."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.star import amplitude_columns, read_star
+    from deephemnma.evaluate import align_tables, load_ground_truth
+
+    pred = read_star(star).particles
+    p, t = align_tables(pred, load_ground_truth(res / "simulate/ground_truth.star"))
+    out = {}
+    for c in amplitude_columns(pred):
+        sc = c.replace("dhnmaAmplitude", "dhnmaAmplitudeStd")
+        if sc in p.columns and c in t.columns:
+            err = p[c].to_numpy(float) - t[c].to_numpy(float)
+            out[c] = {"posterior_std_mean": float(p[sc].astype(float).mean()),
+                      "actual_error_rms": float(np.sqrt(np.mean(err ** 2)))}
+    return out
+
+
+def missing(path: Path, work: Path) -> int:
+    print(f"error: {path}: missing — run bench/bench_network_accuracy.py --work {work} first", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_network_accuracy",
+                    help="the work folder of bench_network_accuracy.py (run it first)")
+    ap.add_argument("--scratch-cpu-hours", type=float, default=2.0)
+    ap.add_argument("--init-cpu-hours", type=float, default=1.0)
+    ap.add_argument("--ranks", type=int, default=2, help="training ranks (DDP, one thread each)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the work folder of a `bench_network_accuracy.py --gpu` run: the VAEs train on its GPU "
+                         "(network.device of its config), one rank, 20,000 steps each")
+    ap.add_argument("--only", choices=["scratch", "regressor"], help="train one of the two VAEs only")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train and stop (the scratch VAE needs only set 1's STAR: it can train while the "
+                         "network-accuracy bench trains the regressor)")
+    args = ap.parse_args(argv)
+    res = args.work / "results"
+    t0 = time.perf_counter()
+    variants = {
+        "scratch": ({"network.vae_init": "scratch"}, args.scratch_cpu_hours, res / "filter/kept.star"),
+        "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt")},
+                      args.init_cpu_hours, res / "network/best.pt"),
+    }
+    need = [res / "bench/network_alone/predicted.star", res / "bench/hemnma_set2/hemnma.star"]
+    for name, (over, hours, needs) in variants.items():
+        if args.only and name != args.only:
+            continue
+        if not needs.exists():
+            return missing(needs, args.work)
+        train_vae(res, f"vae_{name}", over, hours, 1 if args.gpu else args.ranks, steps=20000 if args.gpu else None)
+    if args.train_only:
+        return 0
+    for p in need:
+        if not p.exists():
+            return missing(p, args.work)
+    chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
+    prev = json.loads((HERE / "results/network_accuracy.json").read_text()) if (
+        HERE / "results/network_accuracy.json").exists() else {}
+    figures: dict = {
+        "hemnma": evaluate(res, res / "bench/hemnma_set2/hemnma.star", "hemnma"),
+        "regressor_alone": {**evaluate(res, res / "bench/network_alone/predicted.star", "alone"),
+                            "training_cpu_hours": prev.get("figures", {}).get("training_cpu_hours")},
+        "mean_conformation_rmsd_A": mean_conformation_rmsd(res),
+        "chance_angle_deg": 90.0,
+    }
+    for name in variants:
+        out = res / "bench" / f"vae_{name}"
+        if not (out / "best.pt").exists():
+            continue
+        cpu_h = json.loads((out / "cpu_seconds.json").read_text())["cpu_seconds"] / 3600
+        star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"vae_{name}_alone")
+        figures[f"vae_{name}"] = {**evaluate(res, star, f"vae_{name}"), "training_cpu_hours": cpu_h,
+                                  "posterior_vs_error": posterior_vs_error(res, star),
+                                  "summary": json.loads((out / "summary.json").read_text())}
+    figures["wall_seconds"] = time.perf_counter() - t0
+    write_result("vae_gpu" if args.gpu else "vae", figures, notes="image set 2 of the network-accuracy bench is the test; "
+                                       "errors against the simulation's ground truth; encoders alone")
+    print(json.dumps({k: {m: v for m, v in f.items() if m in ("angle_deg", "shift_A_per_axis", "rmsd_A",
+                                                              "training_cpu_hours")}
+                      if isinstance(f, dict) else f for k, f in figures.items() if k != "wall_seconds"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
