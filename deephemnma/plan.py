@@ -136,7 +136,7 @@ class Run:
     set2_chunk_size: int | None = None
     set2_max_chunks: int = 200
     groups: int = 10
-    train_images: int = 20 * 50 * 64  # the grid recipe: 20 epochs × 50 steps × batch 64, one rank
+    train_images: int = 100 * 200 * 64  # the grid recipe: 100 epochs × 200 steps × batch 64, one rank
 
     def __post_init__(self):
         if int(self.n) < 1:
@@ -349,7 +349,7 @@ def train_images(config: dict, n_set1: int) -> int:
     batch = int(net.get("batch_size") or recipe["batch_size"])
     ranks = int(config.get("workflow", {}).get("train_ranks") or 1)
     if (net.get("recipe") or "grid") == "grid":
-        per_epoch = int(net.get("steps_per_epoch") or 50) * batch * ranks * int(net.get("accumulate") or 1)
+        per_epoch = int(net.get("steps_per_epoch") or 200) * batch * ranks * int(net.get("accumulate") or 1)
     else:
         per_epoch = max(1, int(n_set1))
     return epochs * per_epoch

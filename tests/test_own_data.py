@@ -32,7 +32,7 @@ def own_config(star, truth, reference) -> dict:
         # small and quick, as the workflow tests' config (config/test.yaml)
         "align": {"levels": [16, 32], "search_box": 16, "angular_step": 30.0, "iterations": [15, 10],
                   "candidates": [2, 1]},
-        "network": {"arch": "resnet10", "hidden": [64, 32], "epochs": 2, "batch_size": 8},
+        "network": {"arch": "resnet10", "hidden": [64, 32], "epochs": 2, "steps_per_epoch": 50, "batch_size": 8},
         "landscape": {"groups": {"method": "bins", "n_bins": 2, "min_size": 10, "drop_extremes": False}},
     }
 

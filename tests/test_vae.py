@@ -186,7 +186,7 @@ def test_short_vae_training_learns_conformations_from_the_images(tmp_path):
     net = {"model": "vae", "vae_init": "scratch", "vae_data": "all", "vae_particles": [str(set2)],
            "vae_prior_rmsd": 2.0, "vae_pretrain": 0.62, "vae_refine_iterations": 2, "amplitude_weight": 0.0,
            "arch": "convnet", "width": 16, "input_box": 16, "hidden": [256], "grid_directions": 48, "grid_inplane": 12,
-           "grid_sigma": 20.0, "lr": 3e-3, "schedule": "constant", "warmup_epochs": 0, "epochs": 13,
+           "grid_sigma": 20.0, "grid_sigma_end": None, "lr": 3e-3, "schedule": "constant", "warmup_epochs": 0, "epochs": 13,
            "steps_per_epoch": 200, "batch_size": 32, "engine": "single", "device": "cpu", "val_fraction": 0.1,
            "test_fraction": 0.0, "tta_turns": 1, "vae_shift_range": 4.0}
     t0 = time.process_time()

@@ -46,7 +46,7 @@ log = get_logger(__name__)
 
 RECIPES: dict[str, dict] = {
     "grid": {"mode": "joint", "arch": "convnet", "hidden": [512], "optimizer": "adamw", "lr": 1e-3,
-             "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 1, "epochs": 20, "batch_size": 64,
+             "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 1, "epochs": 100, "batch_size": 64,
              "amp": "auto", "channels_last": "auto", "patience": 0, "dropout": 0.0},
     "paper": {"mode": "separate", "arch": "resnet34", "hidden": [1000, 512, 128], "optimizer": "adam", "lr": 1e-5,
               "weight_decay": 1e-5, "schedule": "step", "warmup_epochs": 0, "epochs": 400, "batch_size": 2,
