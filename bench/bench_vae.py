@@ -10,7 +10,8 @@ for the held-out image set 2 (the regressor alone, HEMNMA). This script trains t
   the images, rendered amplitudes come from the thermal prior; the reconstruction sees set 1
   and the unlabelled set 2 (``vae_data: all``), as a user without labels would run it;
 - ``regressor``: the encoder starts from the regressor's checkpoint (``vae_init: regressor``,
-  ``vae_init_checkpoint``) and learns from the images of both sets;
+  ``vae_init_checkpoint``) and learns from the images of both sets, under the prior of
+  HEMNMA's set-1 amplitudes (``vae_prior: hemnma``: the labels exist, so the prior uses them);
 
 then answers set 2 with each encoder alone (``deephemnma predict --set network.refine=none``)
 and compares all four methods with the ground truth (``deephemnma evaluate``): the paper's
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     variants = {
         "scratch": ({"network.vae_init": "scratch"}, args.scratch_cpu_hours, res / "filter/kept.star"),
-        "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt")},
+        "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt"),
+                       "network.vae_prior": "hemnma"},
                       args.init_cpu_hours, res / "network/best.pt"),
     }
     need = [res / "bench/network_alone/predicted.star", res / "bench/hemnma_set2/hemnma.star"]
