@@ -136,9 +136,13 @@ class Run:
     set2_chunk_size: int | None = None
     set2_max_chunks: int = 200
     groups: int = 10
-    train_images: int = 100 * 200 * 64  # the grid recipe: 100 epochs × 200 steps × batch 64, one rank
+    train_images: int | None = None  # images the training sees (None: the schema defaults' run)
 
     def __post_init__(self):
+        if self.train_images is None:
+            from .core.config import defaults
+
+            self.train_images = train_images(defaults(), int(self.set1))
         if int(self.n) < 1:
             raise ConfigError(f"--particles must be ≥ 1, got {self.n}")
         if int(self.box) < 8 or int(self.box) % 2:
@@ -341,15 +345,16 @@ def train_images(config: dict, n_set1: int) -> int:
     """Images the training job processes: epochs × steps per epoch × batch × ranks (the
     recipe's values where the configuration leaves them null; an epoch of the fast and
     paper recipes is one pass over image set 1)."""
+    from .core.config import defaults
     from .network.train import RECIPES
 
-    net = config.get("network", {})
+    net = {**defaults()["network"], **{k: v for k, v in config.get("network", {}).items() if v is not None}}
     recipe = RECIPES.get(net.get("recipe") or "grid", RECIPES["grid"])
     epochs = int(net.get("epochs") or recipe["epochs"])
     batch = int(net.get("batch_size") or recipe["batch_size"])
     ranks = int(config.get("workflow", {}).get("train_ranks") or 1)
     if (net.get("recipe") or "grid") == "grid":
-        per_epoch = int(net.get("steps_per_epoch") or 200) * batch * ranks * int(net.get("accumulate") or 1)
+        per_epoch = int(net["steps_per_epoch"]) * batch * ranks * int(net.get("accumulate") or 1)
     else:
         per_epoch = max(1, int(n_set1))
     return epochs * per_epoch

@@ -147,3 +147,15 @@ def test_star_box_reads_the_optics_table(tmp_path):
     g = tmp_path / "old.star"
     g.write_text("data_\nloop_\n_rlnImageName #1\n1@a.mrcs\n")
     assert P.star_box(g) is None
+
+
+def test_command_costs_the_configured_training():
+    """The training row follows the run's own network settings (epochs × steps × batch), not a
+    fixed default: a tenth of the epochs, a tenth of the training CPU-hours."""
+    def train_h(*extra):
+        p = cli("--particles", "1000", "--box", "64", "--json", *extra)
+        assert p.returncode == 0, p.stderr
+        return next(r["cpu_h"] for r in json.loads(p.stdout)["rules"] if r["rule"] == "train")
+
+    full, short = train_h(), train_h("--set", "network.epochs=10")
+    assert full > 0 and short == pytest.approx(full / 10)

@@ -46,7 +46,7 @@ def default_log(args):
 
 def run(args, config: dict) -> int:
     from ..core.errors import ConfigError
-    from ..plan import Cluster, Run, format_plan, load_costs, plan, totals
+    from ..plan import Cluster, Run, format_plan, load_costs, plan, totals, train_images
     from ..preprocess import PreprocessSettings
 
     s = PreprocessSettings.from_config(config)
@@ -56,7 +56,8 @@ def run(args, config: dict) -> int:
     if s.set1_fraction is not None and args.set1 is None:
         set1 = int(round(s.set1_fraction * args.particles))
     run_ = Run(n=args.particles, box=args.box, box_in=args.original_box, set1=set1, chunk_size=s.chunk_size,
-               set2_chunk_size=s.set2_chunk_size, set2_max_chunks=s.set2_max_chunks, groups=args.groups)
+               set2_chunk_size=s.set2_chunk_size, set2_max_chunks=s.set2_max_chunks, groups=args.groups,
+               train_images=train_images(config, set1))
     cluster = Cluster(nodes=args.nodes, cores_per_node=args.cores_per_node, gpus_per_node=args.gpus_per_node,
                       gpu_speedup=args.gpu_speedup)
     costs, source = load_costs(args.costs)
