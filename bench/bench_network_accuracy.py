@@ -46,18 +46,16 @@ from common import write_result  # noqa: E402
 IMAGES_PER_CPU_S = 280.0
 
 
-def children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished children so far."""
-    t = os.times()
-    return t.children_user + t.children_system
-
-
 def sh(cmd, **kw) -> float:
-    """Run a command; returns its CPU seconds (so that figures hold on a loaded machine)."""
-    c0 = children_cpu()
+    """Run a command; returns the CPU seconds (user + system) of that child alone — read from its
+    own resource usage, so that commands run in parallel threads do not count each other."""
     print("+", " ".join(map(str, cmd)), flush=True)
-    subprocess.run(list(map(str, cmd)), check=True, **kw)
-    return children_cpu() - c0
+    proc = subprocess.Popen(list(map(str, cmd)), **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_record(path: Path, seconds: float | None = None) -> float:
@@ -116,9 +114,10 @@ def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
     for c in chunks:
         star = out / f"{c}.star"
         if not star.exists():
-            cpu_record(out / f"{c}.cpu.json", dh("predict", "--checkpoint", checkpoint or res / "network/best.pt", "--modes", res / "nma/modes.npz",
-                          "--particles", res / f"preprocess/set2/{c}.star", "--out", star,
-                          "--set", "network.refine=none", "--set", "data.invert_contrast=false", "--threads", 1))
+            cpu_record(out / f"{c}.cpu.json", dh(
+                "predict", "--checkpoint", checkpoint or res / "network/best.pt", "--modes", res / "nma/modes.npz",
+                "--particles", res / f"preprocess/set2/{c}.star", "--out", star, "--set", "network.refine=none",
+                "--set", "data.invert_contrast=false", "--threads", 1))
         seconds += cpu_record(out / f"{c}.cpu.json")
     merged = out / "predicted.star"
     dh("merge", "--particles", *[out / f"{c}.star" for c in chunks], "--out", merged)
@@ -135,9 +134,10 @@ def hemnma_set2(res: Path, chunks: list[str], cores: int) -> tuple[Path, float]:
 
     def one(c: str) -> None:
         if not (out / f"{c}.star").exists():
-            cpu_record(out / f"{c}.cpu.json", dh("align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", res / "nma/modes.npz",
-               "--out", out / f"{c}.star", "--summary", out / f"{c}.json", "--config", res / "config/align.yaml",
-               "--threads", 1))
+            cpu_record(out / f"{c}.cpu.json", dh(
+                "align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", res / "nma/modes.npz",
+                "--out", out / f"{c}.star", "--summary", out / f"{c}.json", "--config", res / "config/align.yaml",
+                "--threads", 1))
 
     with ThreadPoolExecutor(max(1, cores)) as pool:
         list(pool.map(one, chunks))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_network_accuracy import evaluate, mean_conformation_rmsd, network_alone  # noqa: E402
+from bench_network_accuracy import cpu_record, evaluate, mean_conformation_rmsd, network_alone, sh  # noqa: E402
 from common import write_result  # noqa: E402
 
 #: VAE optimiser steps of one rank per CPU-second on this machine (grid encoder, convnet 16 at
@@ -57,7 +56,7 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
     best = out / "best.pt"
     cpu_file = out / "cpu_seconds.json"
     if best.exists() and cpu_file.exists() and (out / "summary.json").exists():
-        return best, json.loads(cpu_file.read_text())["cpu_seconds"] / 3600
+        return best, cpu_record(cpu_file) / 3600
     steps = steps or max(10, int(cpu_hours * 3600 * RANK_STEPS_PER_CPU_S / ranks))
     per_epoch = min(100, steps)
     sets = {"network.model": "vae", "network.epochs": max(1, steps // per_epoch), "network.steps_per_epoch": per_epoch,
@@ -68,13 +67,7 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
            "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1, "--resume", "auto"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
-    print("+", " ".join(map(str, cmd)), flush=True)
-    before = os.times()
-    subprocess.run(list(map(str, cmd)), check=True)
-    after = os.times()
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    cpu_file.write_text(json.dumps({"cpu_seconds": cpu}))
-    return best, cpu / 3600
+    return best, cpu_record(cpu_file, sh(cmd)) / 3600
 
 
 def posterior_vs_error(res: Path, star: Path) -> dict:
@@ -151,7 +144,7 @@ def main(argv=None) -> int:
         out = res / "bench" / f"vae_{name}"
         if not (out / "best.pt").exists():
             continue
-        cpu_h = json.loads((out / "cpu_seconds.json").read_text())["cpu_seconds"] / 3600
+        cpu_h = cpu_record(out / "cpu_seconds.json") / 3600
         star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"vae_{name}_alone")
         figures[f"vae_{name}"] = {**evaluate(res, star, f"vae_{name}"), "training_cpu_hours": cpu_h,
                                   "posterior_vs_error": posterior_vs_error(res, star),
