@@ -127,11 +127,14 @@ def test_full_run_outputs(finished_run):
     assert summary["world_size"] == 2 and summary["engine"] == engine, summary
     assert (out / "network" / "train.rank1.log").is_file()
     # image set 2's answers (network + refinement, HEMNMA fallback) against the truth: the
-    # paper's angle metric is ~90° at chance; the tiny test config's HEMNMA gets ~18° mean
-    # (a few flipped particles, median a few degrees), so a broken predict/refine/merge fails
+    # paper's angle metric is ~90° at chance; the test config's HEMNMA gets ~1.4° mean on set 1
+    # and set 2 ~2° (deformation RMSD 0.45 / 0.65 Å against ~3.8 Å for the mean conformation),
+    # so a broken predict/refine/merge fails; the landscape's first axis follows the simulated
+    # path (|Spearman ρ| ~0.98; a landscape of noise is ~0, one of the network's chance answers ~0.2)
     pred = json.loads((out / "evaluate" / "predicted" / "summary.json").read_text())
-    assert pred["angle_err"]["median"] <= 20, pred["angle_err"]
-    assert pred["angle_err"]["mean"] <= 35, pred["angle_err"]
+    assert pred["angle_err"]["mean"] <= 20, pred["angle_err"]
+    assert pred["rmsd_amp"]["mean"] <= 1.5, pred["rmsd_amp"]
+    assert abs(pred["landscape"]["rank_correlation_dhnmaPC1"]) >= 0.9, pred["landscape"]
     assert dry_run(work) == {}, "a finished workflow has nothing left to do"
     print(f"test workflow: {seconds:.0f} s")
 
