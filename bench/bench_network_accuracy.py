@@ -106,8 +106,11 @@ def dh(*args, cwd=None) -> float:
 
 
 def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
-                  name: str = "network_alone") -> tuple[Path, float]:
-    """A checkpoint's answers for every set-2 chunk without refinement (one thread)."""
+                  name: str = "network_alone", models: Path | None = None) -> tuple[Path, float]:
+    """A checkpoint's answers for every set-2 chunk of ``res`` without refinement (one thread).
+    ``models``: the results folder whose network and modes answer (default ``res``; another
+    folder's particles can be answered by this bench's models)."""
+    models = models or res
     out = res / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     seconds = 0.0
@@ -115,7 +118,7 @@ def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
         star = out / f"{c}.star"
         if not star.exists():
             cpu_record(out / f"{c}.cpu.json", dh(
-                "predict", "--checkpoint", checkpoint or res / "network/best.pt", "--modes", res / "nma/modes.npz",
+                "predict", "--checkpoint", checkpoint or models / "network/best.pt", "--modes", models / "nma/modes.npz",
                 "--particles", res / f"preprocess/set2/{c}.star", "--out", star, "--set", "network.refine=none",
                 "--set", "data.invert_contrast=false", "--threads", 1))
         seconds += cpu_record(out / f"{c}.cpu.json")
@@ -124,9 +127,11 @@ def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
     return merged, seconds
 
 
-def hemnma_set2(res: Path, chunks: list[str], cores: int) -> tuple[Path, float]:
+def hemnma_set2(res: Path, chunks: list[str], cores: int, models: Path | None = None) -> tuple[Path, float]:
     """HEMNMA on every set-2 chunk, one thread per chunk, ``cores`` chunks at a time; returns the
-    merged STAR and the CPU seconds of the alignments."""
+    merged STAR and the CPU seconds of the alignments. ``models``: the results folder whose
+    modes and alignment settings are used (default ``res``)."""
+    models = models or res
     from concurrent.futures import ThreadPoolExecutor
 
     out = res / "bench" / "hemnma_set2"
@@ -135,8 +140,8 @@ def hemnma_set2(res: Path, chunks: list[str], cores: int) -> tuple[Path, float]:
     def one(c: str) -> None:
         if not (out / f"{c}.star").exists():
             cpu_record(out / f"{c}.cpu.json", dh(
-                "align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", res / "nma/modes.npz",
-                "--out", out / f"{c}.star", "--summary", out / f"{c}.json", "--config", res / "config/align.yaml",
+                "align", "--particles", res / f"preprocess/set2/{c}.star", "--modes", models / "nma/modes.npz",
+                "--out", out / f"{c}.star", "--summary", out / f"{c}.json", "--config", models / "config/align.yaml",
                 "--threads", 1))
 
     with ThreadPoolExecutor(max(1, cores)) as pool:
@@ -157,8 +162,10 @@ def evaluate(res: Path, star: Path, name: str) -> dict:
             "rmsd_A_median": s["rmsd_amp"]["median"]}
 
 
-def mean_conformation_rmsd(res: Path) -> float:
-    """Deformation RMSD (Å) of predicting set 1's mean amplitudes for every set-2 particle."""
+def mean_conformation_rmsd(res: Path, models: Path | None = None) -> float:
+    """Deformation RMSD (Å) of predicting set 1's mean amplitudes (of ``models``, default
+    ``res``) for every set-2 particle of ``res``, on set 1's modes."""
+    models = models or res
     import numpy as np
 
     sys.path.insert(0, str(REPO))
@@ -168,7 +175,7 @@ def mean_conformation_rmsd(res: Path) -> float:
 
     ms = load_modes(res / "nma/modes.npz")
     truth = load_ground_truth(res / "simulate/ground_truth.star")
-    set1 = read_star(res / "filter/kept.star").particles
+    set1 = read_star(models / "filter/kept.star").particles
     set2 = read_star(res / "preprocess/set2.star").particles
     _, t2 = align_tables(set2, truth)
     cols = amplitude_columns(set1)
