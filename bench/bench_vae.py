@@ -148,6 +148,18 @@ def outside_rmsd(mres: Path) -> float:
     return float(amplitudes_to_rmsd(q, ms.mode(10)[None]).mean())
 
 
+def score_shift(normal: Path, misfit: Path) -> dict:
+    """HEMNMA's fit score (``dhnmaScore``) of the misfit particles against that of the in-model
+    test particles: medians, and the fraction of misfit particles below the in-model 5th percentile."""
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.star import read_star
+
+    a = read_star(normal).particles["dhnmaScore"].astype(float)
+    b = read_star(misfit).particles["dhnmaScore"].astype(float)
+    return {"median_in_model": float(a.median()), "median_misfit": float(b.median()),
+            "misfit_below_in_model_q05": float((b < a.quantile(0.05)).mean())}
+
+
 def misfit_case(args, res: Path, vaes: list[str]) -> dict:
     """HEMNMA, the regressor and each trained VAE (encoders alone) on the misfit particles."""
     mres = misfit_particles(args.work, args.misfit_n, args.cores)
@@ -158,6 +170,7 @@ def misfit_case(args, res: Path, vaes: list[str]) -> dict:
            "mean_conformation_rmsd_A": mean_conformation_rmsd(mres, models=res),
            "hemnma": evaluate(mres, hem, "hemnma")}
     out["hemnma"]["cpu_s_per_particle"] = hem_s / max(1, out["hemnma"]["n"])
+    out["hemnma"]["score"] = score_shift(res / "bench/hemnma_set2/hemnma.star", hem)
     star, _ = network_alone(mres, chunks, checkpoint=res / "network/best.pt", name="regressor_alone", models=res)
     out["regressor_alone"] = evaluate(mres, star, "regressor_alone")
     for name in vaes:
