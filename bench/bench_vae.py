@@ -29,6 +29,7 @@ fitted modes next to the main case's, and the posterior's width next to its actu
     python bench/bench_vae.py --scratch-cpu-hours 0.5 --init-cpu-hours 0.25   # reduced
     python bench/bench_vae.py --gpu --work W   # W: the work folder of bench_network_accuracy.py --gpu
     python bench/bench_vae.py --misfit-n 0     # without the misfit case
+    python bench/bench_vae.py --diagnose       # pose-pretraining curves of the scratch VAE's variants
 
 Writes bench/results/vae.json (vae_gpu.json). Resumable: a finished training or prediction is not redone.
 """
@@ -180,6 +181,35 @@ def misfit_case(args, res: Path, vaes: list[str]) -> dict:
     return out
 
 
+#: pose-pretraining diagnostics (``--diagnose``): pose-prediction steps alone (``vae_pretrain`` 1),
+#: 1,200 steps each, real set-1 particles validated after every 100 — what limits the scratch
+#: VAE's poses: the rendered amplitudes (the prior's width) or the calibration (labels or not)
+DIAGNOSTICS = {
+    "scratch_prior_2A": {"network.vae_init": "scratch"},
+    "scratch_prior_6A": {"network.vae_init": "scratch", "network.vae_prior_rmsd": 6.0},
+    "scratch_prior_10A": {"network.vae_init": "scratch", "network.vae_prior_rmsd": 10.0},
+    "labelled_no_real": {"network.vae_init": "regressor", "network.vae_prior": "hemnma", "network.real_fraction": 0},
+}
+
+
+def diagnose(res: Path) -> dict:
+    """Learning curves of the pose steps alone under each of :data:`DIAGNOSTICS`."""
+    import csv
+
+    out = {}
+    for name, over in DIAGNOSTICS.items():
+        d = res / "bench" / f"diag_{name}"
+        if not (d / "summary.json").exists():
+            train_vae(res, f"diag_{name}", {**over, "network.vae_pretrain": 1.0}, 0.0, 1, steps=1200)
+        rows = list(csv.DictReader(open(d / "metrics.csv")))
+        cpu = cpu_record(d / "cpu_seconds.json")
+        out[name] = {"settings": over, "training_cpu_hours": cpu / 3600 if cpu else None,
+                     "steps": [int(r["global_step"]) for r in rows],
+                     "val_angle_deg": [round(float(r["val_angle_error_deg"]), 2) for r in rows],
+                     "val_angle_median_deg": [round(float(r["val_angle_median_deg"]), 2) for r in rows]}
+    return out
+
+
 def missing(path: Path, work: Path) -> int:
     print(f"error: {path}: missing — run bench/bench_network_accuracy.py --work {work} first", file=sys.stderr)
     return 2
@@ -202,8 +232,16 @@ def main(argv=None) -> int:
     ap.add_argument("--misfit-n", type=int, default=2000,
                     help="misfit test particles (motion on mode 10, outside the fitted modes 7–9); 0: skip")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="only the pose-pretraining diagnostics (1,200 pose steps per variant; vae_diagnostics.json)")
     args = ap.parse_args(argv)
     res = args.work / "results"
+    if args.diagnose:
+        if not (res / "filter/kept.star").exists():
+            return missing(res / "filter/kept.star", args.work)
+        write_result("vae_diagnostics", diagnose(res), notes="pose steps alone; validation on real set-1 particles "
+                                                              "against HEMNMA's answers (chance ~90°)")
+        return 0
     t0 = time.perf_counter()
     variants = {
         "scratch": ({"network.vae_init": "scratch"}, args.scratch_cpu_hours, res / "filter/kept.star"),
