@@ -4,6 +4,7 @@
     python bench/bench_scale.py --n 10000 100000     # both sizes, one after the other
     python bench/bench_scale.py --collect-only --n 10000 100000
     python bench/bench_scale.py --dry-run-million    # the 10⁶ plan: snakemake -n time and jobs
+    python bench/bench_scale.py --n 100000 --until preprocess_index   # only the stages up to a rule
 
 Synthetic adenylate-kinase data (``simulate``: originals 128² at 0.65 Å/px), processed at 64²,
 image set 1 of 5,000 particles; every other setting at the schema's default (the effective
@@ -40,7 +41,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = RESULTS / "scale.json"
@@ -81,19 +82,20 @@ def snakemake_cmd(wd: Path, cores: int, extra=()) -> list[str]:
             "--cores", str(cores), "--rerun-incomplete", "--keep-going", *extra]
 
 
-def run_size(root: Path, n: int, cores: int) -> dict:
-    """Run (or continue) the workflow at size ``n``; the invocation's record."""
+def run_size(root: Path, n: int, cores: int, until: list[str] | None = None) -> dict:
+    """Run (or continue) the workflow at size ``n`` (only up to the rules ``until``, Snakemake's
+    ``--until``, when given); the invocation's record."""
     wd = workdir(root, n)
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "config.yaml").write_text(yaml.safe_dump(config_for(n), sort_keys=False))
-    cmd = snakemake_cmd(wd, cores)
+    cmd = snakemake_cmd(wd, cores, ["--until", *until] if until else ())
     log = wd / "snakemake.log"
     print(f"[bench_scale] N={n}: {' '.join(cmd)}  (log: {log})", flush=True)
     t0, start = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(log, "a") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(wd))
     rec = {"start": start, "wall_s": round(time.perf_counter() - t0, 1), "returncode": rc,
-           "loadavg_1min_at_start": os.getloadavg()[0]}
+           "loadavg_1min_at_start": os.getloadavg()[0], "until": list(until or [])}
     inv = wd / "invocations.json"
     hist = json.loads(inv.read_text()) if inv.exists() else []
     hist.append(rec)
@@ -182,10 +184,13 @@ def collect_size(root: Path, n: int) -> dict | None:
     invocations = json.loads(inv.read_text()) if inv.exists() else []
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((res / "config").glob("*.yaml"))}
     complete = (res / "report.html").exists()
+    # a run stopped on purpose at some rules (--until): say which, so it is not read as a failure
+    until = invocations[-1].get("until", []) if invocations else []
     manifest = res / "preprocess" / "preprocess.json"
     dtype = json.loads(manifest.read_text())["settings"].get("dtype", "float32") if manifest.exists() else None
     return {
-        "N": n, "sizes": sizes, "complete": complete, "workdir": str(wd), "preprocess_dtype": dtype,
+        "N": n, "sizes": sizes, "complete": complete, "until": [] if complete else until,
+        "workdir": str(wd), "preprocess_dtype": dtype,
         "invocations": invocations, "wall_s_invocations": round(sum(i["wall_s"] for i in invocations), 1),
         "jobs": sum(r["jobs"] for r in rules.values()), "rules": dict(sorted(rules.items())),
         "disk": stages, "stage_settings": configs,
@@ -295,6 +300,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/deephemnma_scale"), help="work directories' parent")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--collect-only", action="store_true", help="do not run snakemake; collect what is there")
+    ap.add_argument("--until", nargs="+", metavar="RULE",
+                    help="run only the rules these depend on (snakemake --until), e.g. preprocess_index: "
+                         "the stages whose cost grows with N, without the set-2 prediction's hours")
     ap.add_argument("--dry-run-million", action="store_true", help="time snakemake -n on a 10⁶-row STAR")
     a = ap.parse_args(argv)
     if a.dry_run_million:
@@ -307,7 +315,7 @@ def main(argv=None) -> int:
         return 0
     if not a.collect_only:
         for n in a.n:
-            run_size(a.root, n, a.cores)
+            run_size(a.root, n, a.cores, a.until)
     figures = collect(a.root, a.n)
     from common import write_result
 
