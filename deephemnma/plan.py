@@ -82,27 +82,30 @@ class Cost:
 
 
 _DEMO = "built-in: the demo (1,200 particles, 128² → 64²) on the shared 2-core VM, 2026-12-04"
+#: memory constants set from the peak RSS bench/bench_scale.py measured (the workflow's jobs ask
+#: for 1.5 × these; tests/test_plan.py checks that they cover every measured peak by ≥ 1.2 ×)
+_MEM = "; memory: bench_scale peaks at N = 10⁴ and 10⁵ (2026-12-05)"
 #: built-in figures (used when bench/results/scale.json is absent); per-rule sources
 BUILTIN: dict[str, Cost] = {
     "nma": Cost("job", 4.6, 570, source=_DEMO + " (AK, heavy atoms)"),
-    "simulate": Cost("N", 0.0166, 700, 1.0, "all", 0, scales_with="box_in", box_exp=2.0, disk_bytes=2 * 65536 + 600,
-                     threads=2, source=_DEMO),
-    "preprocess_chunk": Cost("N", 0.0126, 450, 1.0, "all", 60, scales_with="box_in", box_exp=2.2, disk_bytes=16384 + 800,
-                             source=_DEMO),
-    "preprocess_index": Cost("N", 0.002, 450, 2.0, "all", source="estimate: reads and writes the whole table"),
-    "align": Cost("set1", 0.33, 1100, 2.0, "job", 300, box_exp=0.3, disk_bytes=900, source=_DEMO),
+    "simulate": Cost("N", 0.0166, 2200, 1.0, "all", 0, scales_with="box_in", box_exp=2.0, disk_bytes=2 * 65536 + 600,
+                     threads=2, source=_DEMO + _MEM),
+    "preprocess_chunk": Cost("N", 0.0126, 950, 1.0, "all", 60, scales_with="box_in", box_exp=2.2, disk_bytes=16384 + 800,
+                             source=_DEMO + _MEM),
+    "preprocess_index": Cost("N", 0.002, 600, 2.0, "all", source="estimate: reads and writes the whole table" + _MEM),
+    "align": Cost("set1", 0.33, 1400, 2.0, "job", 300, box_exp=0.3, disk_bytes=900, source=_DEMO + _MEM),
     "merge_align": Cost("set1", 0.001, 400, 2.0, "all", source="estimate: concatenates the chunk tables"),
     "filter": Cost("set1", 0.001, 400, 2.0, "all", source="estimate: one table"),
     "train": Cost("train_images", 0.0061, 2200, 0.0, "job", 0, box_exp=2.0, disk_bytes=0, threads=2, source=_DEMO),
-    "predict": Cost("set2", 0.148, 1100, 2.0, "job", 300, box_exp=1.0, disk_bytes=900, source=_DEMO),
+    "predict": Cost("set2", 0.148, 1450, 2.0, "job", 300, box_exp=1.0, disk_bytes=900, source=_DEMO + _MEM),
     "merge_predict": Cost("set2", 0.001, 400, 2.0, "all", source="estimate: concatenates the shard tables"),
     "landscape": Cost("N", 0.0017, 170, 1.0, "all", source=_DEMO + " (bench_landscape: 1.06 GB at 10⁶)"),
     "groups": Cost("N", 0.002, 400, 1.5, "all", disk_bytes=1500, source="estimate (bench_landscape)"),
     "reconstruct": Cost("N", 0.004, 800, 0.0, "job", 350, mem_exp=3.0, scales_with="box_in", box_exp=2.0,
                         source=_DEMO + " (bench_reconstruct: 158 particles/s at 128²)"),
     "animate": Cost("job", 10.0, 600, source="estimate"),
-    "evaluate_hemnma": Cost("set1", 0.002, 500, 2.0, "all", source="estimate"),
-    "evaluate_predicted": Cost("N", 0.002, 800, 2.0, "all", source="estimate"),
+    "evaluate_hemnma": Cost("set1", 0.002, 1050, 2.0, "all", source="estimate" + _MEM),
+    "evaluate_predicted": Cost("N", 0.002, 900, 2.0, "all", source="estimate" + _MEM),
     "report": Cost("N", 0.005, 600, 2.0, "all", source="estimate (bench_page: 10⁶ particles in a 33 MB page)"),
 }
 
@@ -178,8 +181,9 @@ class Run:
 def load_costs(path: str | Path | None = None) -> tuple[dict[str, Cost], str]:
     """The cost table: :data:`BUILTIN`, with each rule measured in ``path`` (a
     bench/results/scale.json; default: the repository's, when present) replaced by its
-    CPU time per particle and peak memory at the largest complete size there. Returns the
-    table and a line saying where it came from."""
+    CPU time per particle and peak memory at the largest complete size there (the memory
+    formula's constant is moved so that it gives the measured peak there; its growth with
+    rows and box is kept). Returns the table and a line saying where it came from."""
     if path is None:
         path = Path(__file__).resolve().parents[1] / "bench" / "results" / "scale.json"
     path = Path(path)
@@ -196,6 +200,7 @@ def load_costs(path: str | Path | None = None) -> tuple[dict[str, Cost], str]:
     n = done[0]
     run = runs[str(n)]
     date = doc.get("date", "")[:10]
+    measured_run = _measured_run(doc, run)
     out = dict(BUILTIN)
     for rule, r in run["rules"].items():
         if rule not in out or r.get("cpu_s") is None:
@@ -205,8 +210,29 @@ def load_costs(path: str | Path | None = None) -> tuple[dict[str, Cost], str]:
         if not k:
             continue
         src = f"bench_scale N={n:,} ({date}, {r['jobs']} job{'s' if r['jobs'] != 1 else ''})"
-        out[rule] = replace(c, cpu_s=r["cpu_s"] / k, source=src)
+        c = replace(c, cpu_s=r["cpu_s"] / k, source=src)
+        if r.get("max_rss_mb") and measured_run is not None:
+            # memory: keep the formula's growth with rows and box, move its constant so that
+            # it gives the measured peak at the measured size
+            growth = memory_mb(rule, measured_run, {rule: replace(c, base_mb=0.0)})
+            c = replace(c, base_mb=max(0.0, float(r["max_rss_mb"]) - growth))
+        out[rule] = c
     return out, f"bench/results/scale.json, N = {n:,} ({date}); unmeasured rules: built-in"
+
+
+def _measured_run(doc: dict, run: dict) -> "Run | None":
+    """The :class:`Run` a bench_scale record was measured on (its sizes and boxes)."""
+    try:
+        sz = run["sizes"]
+        cfg = doc.get("figures", {}).get("config", {})
+        box = int(cfg.get("preprocess", {}).get("box") or 64)
+        box_in = int(cfg.get("simulate", {}).get("box") or 2 * box)
+        return Run(n=int(sz["N"]), box=box, box_in=box_in, set1=int(sz["set1"]),
+                   chunk_size=int(sz.get("chunk_size_set1") or 1000),
+                   set2_chunk_size=int(sz["chunk_size_set2"]) if sz.get("chunk_size_set2") else None,
+                   train_images=int(sz.get("train_images") or 0) or None)
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return None
 
 
 # ----------------------------------------------------------------------------- formulas

@@ -105,6 +105,52 @@ def test_cost_table_from_a_scale_result(tmp_path):
     assert costs == P.BUILTIN and "built-in" in source
 
 
+def test_measured_peaks_move_the_memory_formula_and_keep_its_growth(tmp_path):
+    sizes = {"N": 10000, "set1": 5000, "set2": 5000, "train_images": 64000, "job": 1,
+             "chunk_size_set1": 1000, "chunk_size_set2": 1000}
+    doc = {"date": "2026-12-04T20:00:00", "figures": {
+        "config": {"simulate": {"box": 128}, "preprocess": {"box": 64}},
+        "runs": {"10000": {"complete": True, "sizes": sizes, "rules": {
+            "simulate": {"jobs": 1, "cpu_s": 100.0, "max_rss_mb": 2300.0},
+            "landscape": {"jobs": 1, "cpu_s": 10.0, "max_rss_mb": 90.0}}}}}}
+    f = tmp_path / "scale.json"
+    f.write_text(json.dumps(doc))
+    costs, _ = P.load_costs(f)
+    at = P.Run(n=10000, box=64, box_in=128, set1=5000, set2_chunk_size=1000)
+    assert P.memory_mb("simulate", at, costs) == pytest.approx(2300.0)
+    assert P.memory_mb("landscape", at, costs) == pytest.approx(90.0)
+    # the growth with the rows held is the formula's, not the measurement's
+    big = P.Run(n=1_000_000, box=64, box_in=128, set1=5000)
+    grow = P.memory_mb("landscape", big, P.BUILTIN) - P.memory_mb("landscape", at, P.BUILTIN)
+    assert grow > 0
+    assert P.memory_mb("landscape", big, costs) - P.memory_mb("landscape", at, costs) == pytest.approx(grow)
+
+
+def test_workflow_jobs_ask_for_more_than_the_measured_peaks():
+    """Every rule measured by bench/bench_scale.py (bench/results/scale.json, at every size
+    there, partial runs included): the memory a workflow job asks for (the built-in table,
+    what SLURM gets) is at least 1.2 × the peak RSS measured for that rule at that size."""
+    from pathlib import Path
+
+    from deephemnma.core.config import validate_config
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "scale.json"
+    if not path.is_file():
+        pytest.skip("bench/results/scale.json not in this checkout")
+    doc = json.loads(path.read_text())
+    checked = []
+    for n, rec in doc["figures"]["runs"].items():
+        cfg = json.loads(json.dumps(doc["figures"]["config"]))
+        cfg.setdefault("simulate", {})["n_particles"] = int(n)
+        run = P.run_from_config(validate_config(cfg), int(n))
+        for rule, r in rec["rules"].items():
+            if rule in P.BUILTIN and r.get("max_rss_mb"):
+                asked = P.job_resources(rule, run)["mem_mb"]
+                assert asked >= 1.2 * r["max_rss_mb"], (n, rule, asked, r["max_rss_mb"])
+                checked.append(rule)
+    assert {"simulate", "preprocess_chunk", "align", "train", "predict"} <= set(checked)
+
+
 @pytest.mark.parametrize("kw", [dict(n=0, box=64), dict(n=10, box=63), dict(n=10, box=4),
                                 dict(n=10, box=64, box_in=32), dict(n=10, box=64, set1=-1)])
 def test_bad_runs_are_config_errors(kw):
