@@ -13,8 +13,8 @@ construction. Methods (``landscape.groups.method``):
     Quasi-uniform bins along one axis (``axis``, 1-based) with at least ``min_size``
     particles each (the paper's Fig. 9: ≥ 900): ``n_bins`` bins of equal width over the
     axis' range (``binning: width``) or of equal count (``binning: count``); with
-    ``drop_extremes`` the sparse tails (end bins smaller than ``min_size``) are dropped,
-    otherwise merged inwards; then any bin below ``min_size`` is merged with its smaller
+    ``drop_extremes`` the sparse tails (end bins smaller than ``min_size`` and than half
+    the mean bin) are dropped, otherwise merged inwards; then any bin below ``min_size`` is merged with its smaller
     neighbour until every group is large enough.
 ``kmeans`` / ``gmm``
     scikit-learn k-means (``n_init`` restarts) or a Gaussian mixture (full covariances) with
@@ -93,10 +93,14 @@ def assign_bins(values: np.ndarray, n_bins: int = 10, min_size: int = 900, drop_
     size = list(counts)
     dropped_bins: list[int] = []
     if drop_extremes:
-        while groups and size[0] < min_size:
+        # a sparse tail: an end bin below min_size that is also sparse next to the bulk (under
+        # half the mean bin). Below min_size alone is not enough: with fewer than
+        # n_bins × min_size particles every bin is, and the ends would be eaten to the middle.
+        sparse = min(min_size, 0.5 * n / n_bins)
+        while groups and size[0] < sparse:
             dropped_bins.append(groups[0][0])
             groups.pop(0), size.pop(0)
-        while groups and size[-1] < min_size:
+        while groups and size[-1] < sparse:
             dropped_bins.append(groups[-1][0])
             groups.pop(), size.pop()
     while len(groups) > 1 and min(size) < min_size:
