@@ -14,8 +14,8 @@ construction. Methods (``landscape.groups.method``):
     particles each (the paper's Fig. 9: ≥ 900): ``n_bins`` bins of equal width over the
     axis' range (``binning: width``) or of equal count (``binning: count``); with
     ``drop_extremes`` the sparse tails (end bins smaller than ``min_size`` and than half
-    the mean bin) are dropped, otherwise merged inwards; then any bin below ``min_size`` is merged with its smaller
-    neighbour until every group is large enough.
+    the mean bin) are dropped, otherwise merged inwards; then any bin below ``min_size``
+    is merged with its smaller neighbour until every group is large enough.
 ``kmeans`` / ``gmm``
     scikit-learn k-means (``n_init`` restarts) or a Gaussian mixture (full covariances) with
     ``k`` groups on the first ``dims`` coordinates, seeded; groups numbered by decreasing
