@@ -30,8 +30,11 @@ fitted modes next to the main case's, and the posterior's width next to its actu
     python bench/bench_vae.py --gpu --work W   # W: the work folder of bench_network_accuracy.py --gpu
     python bench/bench_vae.py --misfit-n 0     # without the misfit case
     python bench/bench_vae.py --diagnose       # pose-pretraining curves of the scratch VAE's variants
+    python bench/bench_vae.py --only scratch --scratch-set network.vae_prior_rmsd=6 \
+        --scratch-set network.vae_pretrain=0.7    # a variant of the scratch VAE, in its own folder
 
-Writes bench/results/vae.json (vae_gpu.json). Resumable: a finished training or prediction is not redone.
+Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` variant: vae_scratch_<tag>.json).
+Resumable: a finished training or prediction is not redone.
 """
 from __future__ import annotations
 
@@ -210,6 +213,16 @@ def diagnose(res: Path) -> dict:
     return out
 
 
+def scratch_folder(sets: dict) -> str:
+    """The scratch VAE's name: ``scratch``, or ``scratch_<tag>`` for a variant with settings ``sets``
+    (a tag of the sorted settings, so a variant never reuses another's training)."""
+    if not sets:
+        return "scratch"
+    import hashlib
+
+    return "scratch_" + hashlib.sha1(json.dumps(sorted(sets.items())).encode()).hexdigest()[:8]
+
+
 def missing(path: Path, work: Path) -> int:
     print(f"error: {path}: missing — run bench/bench_network_accuracy.py --work {work} first", file=sys.stderr)
     return 2
@@ -231,6 +244,9 @@ def main(argv=None) -> int:
                          "network-accuracy bench trains the regressor)")
     ap.add_argument("--misfit-n", type=int, default=2000,
                     help="misfit test particles (motion on mode 10, outside the fitted modes 7–9); 0: skip")
+    ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the scratch VAE (repeatable, e.g. network.vae_prior_rmsd=6): the variant "
+                         "trains in its own folder, vae_scratch_<tag>, and the JSON names its settings")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
     ap.add_argument("--diagnose", action="store_true",
                     help="only the pose-pretraining diagnostics (1,200 pose steps per variant; vae_diagnostics.json)")
@@ -243,15 +259,17 @@ def main(argv=None) -> int:
                                                               "against HEMNMA's answers (chance ~90°)")
         return 0
     t0 = time.perf_counter()
+    scratch_sets = dict(kv.split("=", 1) for kv in args.scratch_set)
+    scratch = scratch_folder(scratch_sets)
     variants = {
-        "scratch": ({"network.vae_init": "scratch"}, args.scratch_cpu_hours, res / "filter/kept.star"),
+        scratch: ({"network.vae_init": "scratch", **scratch_sets}, args.scratch_cpu_hours, res / "filter/kept.star"),
         "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt"),
                        "network.vae_prior": "hemnma"},
                       args.init_cpu_hours, res / "network/best.pt"),
     }
     need = [res / "bench/network_alone/predicted.star", res / "bench/hemnma_set2/hemnma.star"]
     for name, (over, hours, needs) in variants.items():
-        if args.only and name != args.only:
+        if args.only and not name.startswith(args.only):
             continue
         if not needs.exists():
             return missing(needs, args.work)
@@ -278,13 +296,16 @@ def main(argv=None) -> int:
         cpu_h = cpu_record(out / "cpu_seconds.json") / 3600
         star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"vae_{name}_alone")
         figures[f"vae_{name}"] = {**evaluate(res, star, f"vae_{name}"), "training_cpu_hours": cpu_h,
+                                  "settings": variants[name][0],
                                   "posterior_vs_error": posterior_vs_error(res, star),
                                   "summary": json.loads((out / "summary.json").read_text())}
     if args.misfit_n > 0:
         figures["misfit"] = misfit_case(args, res, [f"vae_{n}" for n in variants
                                                     if (res / "bench" / f"vae_{n}" / "best.pt").exists()])
     figures["wall_seconds"] = time.perf_counter() - t0
-    write_result("vae_gpu" if args.gpu else "vae", figures, notes="image set 2 of the network-accuracy bench is the test; "
+    # a variant of the scratch VAE writes its own file (vae.json stays the defaults' record)
+    name = ("vae_gpu" if args.gpu else "vae") + (f"_{scratch}" if scratch_sets else "")
+    write_result(name, figures, notes="image set 2 of the network-accuracy bench is the test; "
                                        "errors against the simulation's ground truth; encoders alone")
     print(json.dumps({k: {m: v for m, v in f.items() if m in ("angle_deg", "shift_A_per_axis", "rmsd_A",
                                                               "training_cpu_hours")}
