@@ -102,7 +102,8 @@ BUILTIN: dict[str, Cost] = {
     "landscape": Cost("N", 0.0017, 170, 1.0, "all", source=_DEMO + " (bench_landscape: 1.06 GB at 10⁶)"),
     "groups": Cost("N", 0.002, 400, 1.5, "all", disk_bytes=1500, source="estimate (bench_landscape)"),
     "reconstruct": Cost("N", 0.004, 800, 17.0, "all", 350, mem_exp=3.0, scales_with="box_in", box_exp=2.0,
-                        source=_DEMO + " (bench_reconstruct: 158 particles/s at 128²); memory +17 KB/particle (bench_scale 10⁵) (bench_scale 10⁵: 2.76 GB)"),
+                        source=_DEMO + " (bench_reconstruct: 158 particles/s at 128²)"
+                        + "; memory +17 KB/particle (bench_scale 10⁵)"),
     "animate": Cost("job", 10.0, 600, source="estimate"),
     "evaluate_hemnma": Cost("set1", 0.002, 1050, 2.0, "all", source="estimate" + _MEM),
     "evaluate_predicted": Cost("N", 0.002, 900, 2.0, "all", source="estimate" + _MEM),
