@@ -223,6 +223,14 @@ def scratch_folder(sets: dict) -> str:
     return "scratch_" + hashlib.sha1(json.dumps(sorted(sets.items())).encode()).hexdigest()[:8]
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--scratch-set`` (argparse exits 2 with one line otherwise)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. network.vae_prior_rmsd=6")
+    return key, value
+
+
 def missing(path: Path, work: Path) -> int:
     print(f"error: {path}: missing — run bench/bench_network_accuracy.py --work {work} first", file=sys.stderr)
     return 2
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
                          "network-accuracy bench trains the regressor)")
     ap.add_argument("--misfit-n", type=int, default=2000,
                     help="misfit test particles (motion on mode 10, outside the fitted modes 7–9); 0: skip")
-    ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                     help="a setting of the scratch VAE (repeatable, e.g. network.vae_prior_rmsd=6): the variant "
                          "trains in its own folder, vae_scratch_<tag>, and the JSON names its settings")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
                                                               "against HEMNMA's answers (chance ~90°)")
         return 0
     t0 = time.perf_counter()
-    scratch_sets = dict(kv.split("=", 1) for kv in args.scratch_set)
+    scratch_sets = dict(args.scratch_set)
     scratch = scratch_folder(scratch_sets)
     variants = {
         scratch: ({"network.vae_init": "scratch", **scratch_sets}, args.scratch_cpu_hours, res / "filter/kept.star"),
