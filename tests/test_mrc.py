@@ -70,9 +70,9 @@ def test_toy_projections_via_star_and_pickle(peer_dir):
     ref = mrc_data(peer_dir / "toy_projections.mrcs")
     idx = np.random.default_rng(0).choice(1000, 64, replace=False)
     np.testing.assert_array_equal(imgs.read(idx), ref[idx])
-    assert imgs._open  # a memory map is open now
+    assert imgs._open  # a stack is open now
     clone = pickle.loads(pickle.dumps(imgs))
-    assert not clone._open  # maps do not travel; they reopen lazily
+    assert not clone._open  # open files do not travel; they reopen lazily
     np.testing.assert_array_equal(clone.read(idx[::-1]), ref[idx[::-1]])
     batches = list(imgs.iter_batches(300))
     assert [len(i) for i, _ in batches] == [300, 300, 300, 100]
@@ -92,6 +92,39 @@ def test_old_style_mrc_without_map_id_is_accepted(peer_dir):
 
 # ---------------------------------------------------------------------------------------
 # Many stacks
+
+def test_reading_a_whole_stack_keeps_the_process_small(tmp_path):
+    """Images are read, not memory-mapped: reading 64 MB of particles batch by batch leaves the
+    process's resident memory where it was (a map kept every page touched resident, so a job
+    reading N particles grew by N images)."""
+    import psutil
+
+    n, box = 4000, 64
+    path = tmp_path / "big.mrcs"
+    with mrcfile.new_mmap(path, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
+        for s in range(0, n, 500):
+            m.data[s:s + 500] = np.arange(s, s + 500, dtype=np.float32)[:, None, None]
+    imgs = ParticleImages([path], np.zeros(n, dtype=np.int64), np.arange(n))
+    proc = psutil.Process()
+    imgs.read(np.arange(100))
+    before = proc.memory_info().rss
+    total = 0.0
+    for idx, batch in imgs.iter_batches(100):
+        assert np.array_equal(batch[:, 0, 0], idx.astype(np.float32))
+        total += float(batch[:, box // 2, box // 2].sum())
+    assert total == n * (n - 1) / 2
+    grown = proc.memory_info().rss - before
+    assert grown < 16e6, f"resident memory grew by {grown / 1e6:.1f} MB reading {n * box * box * 4 / 1e6:.0f} MB"
+    # repeats and any order, across the run boundaries of the positioned reads
+    ParticleImages.MAX_RUN_BYTES, saved = 3 * box * box * 4, ParticleImages.MAX_RUN_BYTES
+    try:
+        idx = np.array([7, 3, 3, 4, 5, 6, 0, 3999, 8, 7])
+        np.testing.assert_array_equal(imgs.read(idx)[:, 1, 1], idx.astype(np.float32))
+    finally:
+        ParticleImages.MAX_RUN_BYTES = saved
+    imgs.close()
+    assert not imgs._open
+
 
 def test_many_stacks_any_order_and_lru(tmp_path):
     a = make_stack(tmp_path / "a.mrcs", 6, 16, seed=1)
