@@ -5,7 +5,7 @@
 
 Writes preprocessed-style chunk stacks (MRC, 128², unit-variance images) in float32 (mode 2)
 and float16 (mode 12) to a scratch directory, then measures images/s of the project's own
-loading path — :class:`deephemnma.core.mrc.ParticleImages` (memory-mapped chunk files) read
+loading path — :class:`deephemnma.core.mrc.ParticleImages` (positioned reads of the chunk files; memory-mapped before 2026-12-06) read
 through :class:`deephemnma.network.data.BatchDataset` (per-image normalisation, batches as
 tensors) and :func:`deephemnma.network.data.make_loader` (a DataLoader over whole batches):
 

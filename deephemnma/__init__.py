@@ -3,7 +3,7 @@
 The conventions every stage shares live in one module each:
 
 - :mod:`deephemnma.core.star`       STAR files (RELION 3.0–5 in, RELION 3.1+ out)
-- :mod:`deephemnma.core.mrc`        MRC stacks and volumes (memory-mapped, streamed)
+- :mod:`deephemnma.core.mrc`        MRC stacks and volumes (positioned reads, streamed writes)
 - :mod:`deephemnma.core.structure`  atomic models (gemmi)
 - :mod:`deephemnma.core.geometry`   RELION ZYZ Euler angles, rotation matrices, quaternions
 - :mod:`deephemnma.core.ctf`        RELION's CTF model

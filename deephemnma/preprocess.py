@@ -47,7 +47,7 @@ for the extraction-time name and is left untouched.) In the optics table
 set to 1 for the optics groups whose images were flipped.
 
 Chunks are processed in parallel processes (each on one thread: same bytes whatever the
-number of processes), each reading only its particles (memory-mapped stacks) in batches
+number of processes), each reading only its particles (positioned reads of the stacks) in batches
 and writing its stack with :class:`deephemnma.core.mrc.StackWriter`: memory does not grow with
 the number of particles. A chunk whose record exists with the same settings fingerprint is
 not redone. :func:`plan_chunks` gives the chunk names from the particle count alone (for

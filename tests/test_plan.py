@@ -139,16 +139,60 @@ def test_workflow_jobs_ask_for_more_than_the_measured_peaks():
         pytest.skip("bench/results/scale.json not in this checkout")
     doc = json.loads(path.read_text())
     checked = []
+    superseded = P.superseded_memory(doc, path.parent)  # a newer dedicated bench measures these rules' memory
     for n, rec in doc["figures"]["runs"].items():
         cfg = json.loads(json.dumps(doc["figures"]["config"]))
         cfg.setdefault("simulate", {})["n_particles"] = int(n)
         run = P.run_from_config(validate_config(cfg), int(n))
         for rule, r in rec["rules"].items():
-            if rule in P.BUILTIN and r.get("max_rss_mb"):
+            if rule in P.BUILTIN and r.get("max_rss_mb") and rule not in superseded:
                 asked = P.job_resources(rule, run)["mem_mb"]
                 assert asked >= 1.2 * r["max_rss_mb"], (n, rule, asked, r["max_rss_mb"])
                 checked.append(rule)
+        for rule, d in superseded.items():  # a job of the dedicated bench's size, at its box
+            big = P.run_from_config(validate_config(cfg), int(n))
+            big = P.Run(n=d["particles"] * big.groups, box=big.box, box_in=d["box"], set1=big.set1, groups=big.groups)
+            asked = P.job_resources(rule, big)["mem_mb"]
+            assert asked >= 1.2 * d["peak_rss_mb"], (n, rule, asked, d)
+            checked.append(rule)
     assert {"simulate", "preprocess_chunk", "align", "train", "predict"} <= set(checked)
+
+
+def test_a_newer_dedicated_memory_bench_supersedes_the_scale_run(tmp_path):
+    """A rule's dedicated memory bench dated after the bench_scale run replaces that run's
+    peak in the cost table (the formula's constant gives the dedicated peak at its size); an
+    older one, or none, leaves the run's peak in force."""
+    import shutil
+    from pathlib import Path
+
+    rule, name = next(iter(P.DEDICATED_MEMORY.items()))
+    fig = {"box": 128, "sizes": {"2000": {"peak_rss_mb": 1000.0}, "20000": {"peak_rss_mb": 1234.0}}}
+    (tmp_path / f"{name}.json").write_text(json.dumps({"date": "2026-12-06T05:00:00+00:00", "figures": fig}))
+    assert P.dedicated_memory(rule, "2026-12-06T04:00:00+00:00", tmp_path)["peak_rss_mb"] == 1234.0
+    assert P.dedicated_memory(rule, "2026-12-07T00:00:00+00:00", tmp_path) is None
+    assert P.dedicated_memory("align", "", tmp_path) is None
+    c = P.BUILTIN[rule]
+    base = P._memory_base(c, 1234.0, 20000, 128)
+    run = P.Run(n=20000 * 8, box=64, box_in=128, set1=5000, groups=8)
+    assert P.memory_mb(rule, run, {rule: P.replace(c, base_mb=base)}) == pytest.approx(1234.0)
+    scale = Path(__file__).resolve().parents[1] / "bench" / "results" / "scale.json"
+    if not scale.is_file():
+        return
+    doc = json.loads(scale.read_text())
+    n = max(int(k) for k, r in doc["figures"]["runs"].items() if r.get("complete"))
+    measured = doc["figures"]["runs"][str(n)]["rules"][rule]["max_rss_mb"]
+    # the cost table built from scale.json + a newer dedicated bench of 1,234 MB at 20,000 rows
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    shutil.copy(scale, results / "scale.json")
+    (results / f"{name}.json").write_text(json.dumps({"date": "2099-01-01T00:00:00+00:00", "figures": fig}))
+    costs, _ = P.load_costs(results / "scale.json")
+    assert costs[rule].base_mb == pytest.approx(base)
+    assert name in costs[rule].source
+    assert costs[rule].base_mb < measured  # not the run's (older) peak
+    (results / f"{name}.json").unlink()  # without it, the run's peak is in force again
+    costs, _ = P.load_costs(results / "scale.json")
+    assert P.memory_mb(rule, P._measured_run(doc, doc["figures"]["runs"][str(n)]), costs) == pytest.approx(measured)
 
 
 @pytest.mark.parametrize("kw", [dict(n=0, box=64), dict(n=10, box=63), dict(n=10, box=4),

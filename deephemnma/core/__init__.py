@@ -4,7 +4,7 @@
 module             what it defines
 =================  =====================================================================
 ``star``           STAR files (RELION 3.0–5 in, 3.1+ out), column names, flag bits
-``mrc``            MRC images and stacks: lazy, memory-mapped reading; atomic writers
+``mrc``            MRC images and stacks: lazy reading (positioned reads); atomic writers
 ``structure``      atomic models (PDB/mmCIF via gemmi)
 ``modes``          the normal-mode file (ModeSet) and the deformation x0 + Σ q_k v_k
 ``geometry``       orientation: RELION ZYZ Euler angles, matrices, quaternions, metrics

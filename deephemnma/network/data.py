@@ -3,7 +3,7 @@
 * :func:`load_particles` reads one or several STAR files (e.g. the chunks of image set 1
   after the Mahalanobis filter) into one table (optics joined per particle) plus one
   :class:`deephemnma.core.mrc.ParticleImages` over all their stacks. Images are never loaded
-  whole: stacks are memory-mapped when a worker first touches them.
+  whole: stacks are opened when a worker first touches them and read with positioned reads.
 * :func:`split_by_particle` makes the validation split: deterministic from the seed, and a
   particle (the same image in the same stack, wherever it is listed) is never in both sets.
 * :class:`BatchDataset` returns whole batches (one index array → one batch): a batch is
