@@ -5,16 +5,16 @@
 
 Writes preprocessed-style chunk stacks (MRC, 128², unit-variance images) in float32 (mode 2)
 and float16 (mode 12) to a scratch directory, then measures images/s of the project's own
-loading path — :class:`deephemnma.core.mrc.ParticleImages` (positioned reads of the chunk files; memory-mapped before 2026-12-06) read
+loading path — :class:`deephemnma.core.mrc.ParticleImages` (positioned reads of the chunk files, memory-mapped before 2026-12-06) read
 through :class:`deephemnma.network.data.BatchDataset` (per-image normalisation, batches as
 tensors) and :func:`deephemnma.network.data.make_loader` (a DataLoader over whole batches):
 
 * ``workers``: 0 (the main process), 1, and all cores;
 * ``order``: ``sequential`` (inference: each shard read front to back) and ``random``
   (training: a shuffled permutation of all images per epoch);
-* ``cache``: ``warm`` (the files in the page cache) and ``cold`` (each file evicted with
-  posix_fadvise(DONTNEED) before the pass: read from the disk, as far as this VM lets us
-  know — its virtual disk may be cached by the host);
+* ``cache``: ``warm`` (the files in the page cache) and ``cold`` (the reader closed, then each
+  file evicted with posix_fadvise(DONTNEED) before the pass: read from the disk, as far as
+  this VM lets us know — its virtual disk may be cached by the host);
 
 against the bare forward pass (no gradient, a resident batch, all cores) of the grid
 network (:class:`deephemnma.network.posenet.PoseNet` with the grid recipe's defaults:
@@ -243,11 +243,11 @@ def main() -> int:
                 for cache in ("warm", "cold"):
                     rates = []
                     for _ in range(a.repeats):
+                        if cache == "warm":
+                            loader_pass(images, a.batch, 0, "sequential", False)  # bring the files in
+                        images.close()  # first: the kernel does not evict pages a live memory map holds
                         if cache == "cold":
                             evict(fs)
-                        else:
-                            loader_pass(images, a.batch, 0, "sequential", False)  # bring the files in
-                        images.close()
                         rates.append(loader_pass(images, a.batch, workers, order, pin=False))
                     key = f"{dt}/workers{workers}/{order}/{cache}"
                     figures["read"][key] = {"images_per_s": float(np.median(rates)), "all": rates,

@@ -1,4 +1,4 @@
-"""MRC image stacks and volumes (via mrcfile): memory-mapped reading, streamed writing.
+"""MRC image stacks and volumes (via mrcfile): positioned reads, streamed writing.
 
 Reading particles
 -----------------
@@ -6,12 +6,15 @@ Reading particles
 spread over many stack files. Nothing is loaded whole: each stack is opened when first
 touched in a process (at most ``max_open`` at a time, least recently used closed first)
 and the images asked for are read with positioned reads (``os.preadv``, one call per run
-of consecutive images, straight into the result for float32 stacks), so the object pickles into DataLoader workers (open files are
-dropped on pickling and re-opened lazily in each worker). Reads go through the page cache
-but never into the process's own memory beyond the batch: a memory map would keep every
-page it touched resident and counted in the job's RSS, so a job reading 20,000 particles
-at 128² once grew by 1.3 GB (reconstruct at 10⁵ particles, bench/README). Images come
-back as float32 ``(n, box, box)`` arrays indexed ``[y, x]``.
+of consecutive images, straight into the result for float32 stacks), each followed by a
+``POSIX_FADV_WILLNEED`` hint for what follows it (the next batch of a sequential pass is
+fetched while the caller works on this one, as a memory map's read-ahead would). Positioned
+reads keep no file position, so forked DataLoader workers may share the descriptors; on
+pickling they are dropped and reopened lazily. Reads go through the page cache but never
+into the process's own memory beyond the batch: a memory map keeps every page it touched
+(and its read-around) resident and counted in the job's RSS, so a reconstruct job reading
+20,000 particles at 128² grew by 1.1 GB (bench/README, reconstruct by group size). Images
+come back as float32 ``(n, box, box)`` arrays indexed ``[y, x]``.
 
 Checks, each an :class:`~deephemnma.core.errors.InputError` naming the stack (and the STAR
 row or image where relevant): a stack that is missing; not an MRC file or with a corrupt
@@ -51,6 +54,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+
+#: posix_fadvise's WILLNEED where the platform has it (Linux), else None (no prefetch)
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 from .fileio import atomic_path
 from .logs import get_logger
 
@@ -284,6 +290,8 @@ class ParticleImages:
 
     #: images per positioned read at most (bounds the temporary bytes of one read)
     MAX_RUN_BYTES = 16 << 20
+    #: after each read, at least this many following bytes are prefetched (POSIX_FADV_WILLNEED)
+    PREFETCH_BYTES = 128 << 10
 
     def _read_stack(self, k: int, imgs: np.ndarray) -> np.ndarray:
         """Images ``imgs`` (sorted, unique) of stack ``k`` as float32, read run by run."""
@@ -311,6 +319,11 @@ class ParticleImages:
                                      "file (was it changed while being read?)")
                 if not direct:
                     out[a:a + m] = dest
+                # ask the kernel to fetch what follows while the caller works on this batch (as a
+                # memory map's read-ahead would): the next batch of a sequential pass, the
+                # neighbourhood of a random one
+                if _WILLNEED is not None:
+                    os.posix_fadvise(fd, info.offset + (first + m) * per, max(m * per, self.PREFETCH_BYTES), _WILLNEED)
         return out
 
     def read(self, indices) -> np.ndarray:
