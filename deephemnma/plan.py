@@ -103,7 +103,7 @@ BUILTIN: dict[str, Cost] = {
     "groups": Cost("N", 0.002, 400, 1.5, "all", disk_bytes=1500, source="estimate (bench_landscape)"),
     "reconstruct": Cost("N", 0.004, 800, 5.0, "job", 350, mem_exp=3.0, scales_with="box_in", box_exp=2.0,
                         source=_DEMO + " (bench_reconstruct: 158 particles/s at 128²); memory flat in the group "
-                        "size (bench_reconstruct --group-sizes: 1.16 → 1.24 GB from 2,000 to 20,000 at 128², ~5 KB per row)"),
+                        "size (bench_reconstruct --group-sizes: 1.18 → 1.26 GB from 2,000 to 20,000 at 128², ~5 KB per row)"),
     "animate": Cost("job", 10.0, 600, source="estimate"),
     "evaluate_hemnma": Cost("set1", 0.002, 1050, 2.0, "all", source="estimate" + _MEM),
     "evaluate_predicted": Cost("N", 0.002, 900, 2.0, "all", source="estimate" + _MEM),
