@@ -216,11 +216,11 @@ def superseded_memory(doc: dict, results: str | Path | None = None) -> dict[str,
     return out
 
 
-def _memory_base(c: Cost, peak_mb: float, rows: int, box: int) -> float:
-    """The constant of ``c``'s memory formula that gives ``peak_mb`` for a job of ``rows``
-    rows at box ``box`` (the processing or original box, as the rule scales)."""
-    ref = c.box_ref if c.scales_with == "box" else c.box_in_ref
-    return max(0.0, peak_mb - c.table_kb * rows / 1024 - c.image_mb * (box / ref) ** c.mem_exp)
+def dedicated_run(rec: dict, groups: int = 10) -> "Run":
+    """A :class:`Run` one of whose jobs is the dedicated bench's: ``rec["particles"]`` particles
+    at original box ``rec["box"]`` (:func:`dedicated_memory`)."""
+    box = int(rec["box"])
+    return Run(n=int(rec["particles"]) * groups, box=box // 2 + box // 2 % 2, box_in=box, set1=0, groups=groups)
 
 
 def load_costs(path: str | Path | None = None) -> tuple[dict[str, Cost], str]:
@@ -257,15 +257,16 @@ def load_costs(path: str | Path | None = None) -> tuple[dict[str, Cost], str]:
             continue
         src = f"bench_scale N={n:,} ({date}, {r['jobs']} job{'s' if r['jobs'] != 1 else ''})"
         c = replace(c, cpu_s=r["cpu_s"] / k, source=src)
+        # memory: keep the formula's growth with rows and box, move its constant so that it gives
+        # the measured peak at the measured size (a newer dedicated bench's, else the run's)
+        peak, at = (r.get("max_rss_mb"), measured_run)
         if rule in superseded:
             d = superseded[rule]
-            c = replace(c, base_mb=_memory_base(c, d["peak_rss_mb"], d["particles"], d["box"]),
-                        source=src + f"; memory: {d['name']} ({d['date'][:10]}, {d['particles']:,} particles)")
-        elif r.get("max_rss_mb") and measured_run is not None:
-            # memory: keep the formula's growth with rows and box, move its constant so that
-            # it gives the measured peak at the measured size
-            growth = memory_mb(rule, measured_run, {rule: replace(c, base_mb=0.0)})
-            c = replace(c, base_mb=max(0.0, float(r["max_rss_mb"]) - growth))
+            peak, at = d["peak_rss_mb"], dedicated_run(d)
+            c = replace(c, source=src + f"; memory: {d['name']} ({d['date'][:10]}, {d['particles']:,} particles)")
+        if peak and at is not None:
+            growth = memory_mb(rule, at, {rule: replace(c, base_mb=0.0)})
+            c = replace(c, base_mb=max(0.0, float(peak) - growth))
         out[rule] = c
     return out, f"bench/results/scale.json, N = {n:,} ({date}); unmeasured rules: built-in"
 

@@ -150,9 +150,7 @@ def test_workflow_jobs_ask_for_more_than_the_measured_peaks():
                 assert asked >= 1.2 * r["max_rss_mb"], (n, rule, asked, r["max_rss_mb"])
                 checked.append(rule)
         for rule, d in superseded.items():  # a job of the dedicated bench's size, at its box
-            big = P.run_from_config(validate_config(cfg), int(n))
-            big = P.Run(n=d["particles"] * big.groups, box=big.box, box_in=d["box"], set1=big.set1, groups=big.groups)
-            asked = P.job_resources(rule, big)["mem_mb"]
+            asked = P.job_resources(rule, P.dedicated_run(d, run.groups))["mem_mb"]
             assert asked >= 1.2 * d["peak_rss_mb"], (n, rule, asked, d)
             checked.append(rule)
     assert {"simulate", "preprocess_chunk", "align", "train", "predict"} <= set(checked)
@@ -172,8 +170,9 @@ def test_a_newer_dedicated_memory_bench_supersedes_the_scale_run(tmp_path):
     assert P.dedicated_memory(rule, "2026-12-07T00:00:00+00:00", tmp_path) is None
     assert P.dedicated_memory("align", "", tmp_path) is None
     c = P.BUILTIN[rule]
-    base = P._memory_base(c, 1234.0, 20000, 128)
     run = P.Run(n=20000 * 8, box=64, box_in=128, set1=5000, groups=8)
+    assert P.jobs_of(rule, run)[1] == P.jobs_of(rule, P.dedicated_run({"particles": 20000, "box": 128}))[1] == 20000
+    base = 1234.0 - P.memory_mb(rule, run, {rule: P.replace(c, base_mb=0.0)})
     assert P.memory_mb(rule, run, {rule: P.replace(c, base_mb=base)}) == pytest.approx(1234.0)
     scale = Path(__file__).resolve().parents[1] / "bench" / "results" / "scale.json"
     if not scale.is_file():

@@ -54,11 +54,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .fileio import atomic_path
+from .logs import get_logger
 
 #: posix_fadvise's WILLNEED where the platform has it (Linux), else None (no prefetch)
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
-from .fileio import atomic_path
-from .logs import get_logger
 
 log = get_logger(__name__)
 
