@@ -206,3 +206,94 @@ def test_short_vae_training_learns_conformations_from_the_images(tmp_path):
     # measured: 0.72 × the baseline, correlation 0.70 (amplitudes ignored by the decoder, a KL of the
     # wrong sign or a likelihood against the wrong images: correlation ~0, RMSD ≥ the baseline)
     assert rmsd.mean() < 0.85 * base.mean() and corr > 0.5
+
+
+def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
+    """Self-training (network.vae_pseudo_fraction): from the encoder's answers, the fits through
+    the decoder that found the particle become labels and those that did not are dropped. The
+    encoder is replaced by answers made from the truth: half the particles 8° and 1 px off with
+    the amplitude at the prior's mean (a fit's basin), half at random orientations (outside
+    it). The kept half must be the near ones, fitted closer than they started, and the pose
+    steps must then carry those particles with those labels. A gate that ranked by anything
+    but how well the fit explains the image, or a fit that did not move, fails."""
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.train import TrainSettings, make_task
+
+    model = toy_model()
+    set1, truth = write_toy_dataset(tmp_path, model, n=120, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
+    modes = write_modes(tmp_path / "modes.npz", model)
+    net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "vae_pseudo_fraction": 0.5,
+           "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
+           "epochs": 2, "steps_per_epoch": 2, "batch_size": 32, "engine": "single", "device": "cpu",
+           "val_fraction": 0.0, "test_fraction": 0.0, "vae_shift_range": 4.0}
+    s = TrainSettings.from_config({"network": net})
+    task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
+    n = len(task.train_set)
+    assert n == 120
+    g = np.random.default_rng(0)
+    R_true, q_true = truth["rotations"], truth["amplitudes"]
+    o_true = task.train_set.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    near = np.zeros(n, bool)
+    near[g.permutation(n)[: n // 2]] = True
+    axis = g.normal(size=(n, 3))
+    axis *= math.radians(8.0) / np.linalg.norm(axis, axis=1, keepdims=True)
+    R_near = R_true @ axis_angle_matrix(torch.as_tensor(axis)).numpy()
+    R_far = random_rotations(n, seeded_generator(9, 0, 0)).double().numpy()
+    start = np.where(near[:, None, None], R_near, R_far)
+
+    def answers(images, turns=1, batch=256):
+        assert len(images) == n  # every set-1 particle (fewer than PSEUDO_PARTICLES), in order
+        return {"rotations": start, "origins": o_true + np.where(near[:, None], 4.0, 0.0),
+                "amplitudes": np.zeros((n, 1)), "std": np.ones((n, 1))}
+
+    task.predict_images = answers
+    task.relabel(1)
+    p = task.pseudo
+    kept = p["rows"]
+    assert len(kept) == n // 2
+    assert near[kept].mean() >= 0.9
+    err_start = angular_error(start[kept], R_true[kept])
+    err_fit = angular_error(p["rotations"], R_true[kept])
+    near_kept = near[kept]
+    assert np.median(err_fit[near_kept]) < 0.5 * np.median(err_start[near_kept])
+    assert np.abs(p["amplitudes"][near_kept, 0] - q_true[kept][near_kept, 0]).mean() < \
+        0.5 * np.abs(q_true[kept][near_kept, 0]).mean()
+    # the pose steps: half real pseudo-labelled particles, their images and fitted labels
+    b = task.pose_batch(1, 0, 0)
+    n_real = int(round(s.batch_size * s.vae_pseudo_fraction))
+    real_img = b["image"][-n_real:, 0].numpy()
+    imgs = task.train_set.images.read(kept)
+    hit = [int(np.flatnonzero(np.all(np.isclose(imgs, x), axis=(1, 2)))[0]) for x in real_img]
+    np.testing.assert_allclose(b["rotations"][-n_real:].numpy(), p["rotations"][hit], atol=1e-6)
+    np.testing.assert_allclose(b["amplitudes"][-n_real:].numpy(), p["amplitudes"][hit], atol=1e-4)
+
+
+def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
+    """A VAE training stopped after an epoch and resumed ends with the same weights, bit for bit,
+    as one run straight through — with self-calibration and pseudo-labels (both recomputed from
+    the weights at the start of an epoch) and reconstruction steps after the first epoch."""
+    from deephemnma.network.checkpoint import load_checkpoint
+    from deephemnma.network.train import TrainSettings, train
+
+    model = toy_model()
+    set1, _ = write_toy_dataset(tmp_path, model, n=80, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
+    modes = write_modes(tmp_path / "modes.npz", model)
+    net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "vae_pseudo_fraction": 0.5,
+           "vae_pseudo_after": 0.3, "vae_pretrain": 0.34, "vae_refine_iterations": 1,
+           "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
+           "epochs": 3, "steps_per_epoch": 3, "batch_size": 16, "engine": "single", "device": "cpu",
+           "val_fraction": 0.1, "test_fraction": 0.0, "vae_shift_range": 4.0, "warmup_epochs": 0}
+    s = TrainSettings.from_config({"network": net})
+    train(set1, tmp_path / "straight", s, modes=modes, resume=False)
+    train(set1, tmp_path / "resumed", s, modes=modes, resume=False, max_epochs=1)
+    train(set1, tmp_path / "resumed", s, modes=modes, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model_state"].items():
+        assert torch.equal(v, b["model_state"][k]), k
+    # the pseudo-labels took part: recorded in the metrics of the epochs after the first
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
+    assert [r.get("pseudo_labels") for r in rows] == ["", "36", "36"]  # half of the 72 training particles

@@ -129,6 +129,8 @@ class TrainSettings:
     vae_pose_fraction: float
     vae_shift_range: float | None
     vae_refine_iterations: int
+    vae_pseudo_fraction: float
+    vae_pseudo_after: float
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

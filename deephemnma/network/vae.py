@@ -55,6 +55,18 @@ Pose and conformation are kept apart the HetACUMN way: the optimiser steps alter
   decoder detached (it is learnt by the pose steps alone), so the likelihood cannot trade
   conformation for pose.
 
+Self-training (``scratch``, ``vae_pseudo_fraction`` > 0): rendered particles teach poses
+on the renderer's images, not the data's (other atoms, the microscope's real transfer, other
+noise), and without labels the encoder's poses on real particles lag its poses on renders.
+So at the start of every epoch (after ``vae_pseudo_after`` of the steps) set-1 particles are
+answered by the encoder and fitted through the decoder from those answers
+(:func:`gauss_newton_fit`: rotation, shift and amplitudes); the fits whose model image
+correlates best with the particle — whitened, the top half: a fit started outside its basin
+(wrong view, mirrored hand) finds no model that matches — become labelled real images in
+that fraction of each pose step's batch (:meth:`.vae_task.VAETask.relabel`). The decoder is
+the teacher, the encoder the student: the amortised refinement of the reconstruction steps
+made a label with a quality gate. Set 2 is never fitted.
+
 The first ``vae_pretrain`` of the steps are pose steps only (the encoder must find poses
 before the likelihood means anything); then a fraction ``vae_pose_fraction`` of the steps
 are pose steps, interleaved. With ``vae_init: regressor`` and ``vae_init_checkpoint`` (a

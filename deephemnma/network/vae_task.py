@@ -2,7 +2,8 @@
 with exact resume — pose-prediction steps on rendered particles alternated with
 reconstruction steps on the particles (the negative evidence lower bound through the physics
 decoder), calibration from HEMNMA's labels or from the images alone
-(:func:`calibrate_unlabelled`), and the pool of particles the reconstruction draws from
+(:func:`calibrate_unlabelled`), the pseudo-labels of self-training (:meth:`VAETask.relabel`),
+and the pool of particles the reconstruction draws from
 (image set 1, or set 1 and set 2 with ``network.vae_data: all``). The model, its decoder and
 its inference live in :mod:`.vae` (which ``deephemnma predict`` imports without the training
 engines)."""
@@ -56,6 +57,17 @@ from .vae import (
 )
 
 log = get_logger(__name__)
+
+#: pseudo-labels (``network.vae_pseudo_fraction``): set-1 particles fitted through the decoder at
+#: the start of each epoch (over all ranks; each rank fits its share)
+PSEUDO_PARTICLES = 512
+#: Levenberg–Marquardt iterations of a pseudo-label fit from the encoder's answer (the
+#: reconstruction steps' fits take ``vae_refine_iterations``)
+PSEUDO_ITERATIONS = 8
+#: the fraction of each epoch's fits kept as pseudo-labels: those whose model image correlates
+#: best with the image (whitened by the noise spectrum); the rest are fits that did not find
+#: the particle (a start outside the fit's basin: wrong view, mirrored hand)
+PSEUDO_KEEP = 0.5
 
 
 def soft_background_mask(d: int, radius: float, edge: float = 3.0) -> np.ndarray:
@@ -259,6 +271,11 @@ class VAETask(Task):
         self.total_steps = s.epochs * self.steps_per_epoch
         self.pretrain_steps = 0 if ckpt is not None else int(round(s.vae_pretrain * self.total_steps))
         self.self_calibrate = not self.labelled
+        self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (rows of set 1, R, o, q)
+        self.pseudo_stats: dict = {}
+        if s.vae_pseudo_fraction > 0 and self.labelled:
+            raise ConfigError("network.vae_pseudo_fraction is for vae_init scratch: with the regressor's start the pose "
+                              "steps already see set 1 with HEMNMA's labels")
         log.info("VAE (%s): %d² at %.4g Å/px, prior %s (%s), calibration from %s: gain %+.3g; %d pretraining steps "
                  "of %d; reconstruction on %d particles%s", s.vae_init, train.box, train.pixel_size, s.vae_prior,
                  ", ".join(f"σ{m} {v:.3g}" for m, v in zip(model.mode_numbers,
@@ -340,6 +357,69 @@ class VAETask(Task):
         self.epoch = epoch
         if self.self_calibrate and epoch * self.steps_per_epoch >= self.pretrain_steps and epoch > 0:
             self.recalibrate()
+        if self.s.vae_pseudo_fraction > 0 and epoch > 0 and \
+                epoch * self.steps_per_epoch >= self.s.vae_pseudo_after * self.total_steps:
+            self.relabel(epoch)
+
+    @torch.no_grad()
+    def relabel(self, epoch: int) -> None:
+        """Pseudo-labels of this epoch (self-training; no label of any kind is read).
+
+        :data:`PSEUDO_PARTICLES` set-1 particles (a seeded draw per epoch, each rank its share)
+        are answered by the encoder, then fitted through the decoder from those answers —
+        :func:`.vae.gauss_newton_fit`, :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and
+        amplitudes at half the box (the reconstruction steps' refiner) — and the fits whose model
+        image correlates best with the particle (whitened, the top :data:`PSEUDO_KEEP`) become
+        labelled real images of the pose steps. Rendered particles teach the encoder poses on
+        the renderer's images; these teach it on the data's own (other atoms, other noise, the
+        microscope's real transfer), which is what the regressor's HEMNMA labels give it. Only set
+        1 is fitted: the particles the VAE is tested on (set 2) reach it through the likelihood
+        alone. A function of the weights at the start of the epoch: a resumed run recomputes it."""
+        s, eng, vae, dev = self.s, self.engine, self.model, self.device
+        n = len(self.train_set)
+        rows = np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(PSEUDO_PARTICLES, n)]
+        rows = np.sort(rows[eng.rank::eng.world_size])
+        if not len(rows):
+            self.pseudo = None
+            return
+        images = self.train_set.images.read(rows)
+        pred = self.predict_images(images)
+        fits, score = [], []
+        dec = self.decoder
+        w = dec.weight / dec.noise
+        for a in range(0, len(rows), 128):
+            sl = slice(a, a + 128)
+            x = torch.as_tensor(images[sl], device=dev)
+            ci = torch.as_tensor(rows[sl], device=dev)          # set 1 heads the pool: its CTF rows are its rows
+            as_t = (lambda k: torch.as_tensor(pred[k][sl], dtype=torch.float32, device=dev))
+            f = gauss_newton_fit(self.refiner, x, ci, as_t("rotations"), as_t("origins"), as_t("amplitudes"),
+                                 iterations=PSEUDO_ITERATIONS, amplitude_scale=vae.encoder.amp_std)
+            X = dec.image_spectrum(x)
+            M = dec.spectrum(f["rotations"], f["origins"], f["amplitudes"], ci)
+            xm = (w * (X.real * M.real + X.imag * M.imag)).sum((-2, -1))
+            score.append(xm / torch.sqrt((w * X.abs() ** 2).sum((-2, -1)) * (w * M.abs() ** 2).sum((-2, -1))).clamp_min(1e-30))
+            fits.append({k: f[k].double().cpu().numpy() for k in ("rotations", "origins", "amplitudes")})
+        score = torch.cat(score).double().cpu().numpy()
+        fit = {k: np.concatenate([f[k] for f in fits]) for k in fits[0]}
+        keep = np.sort(np.argsort(-score, kind="stable")[:max(1, int(round(PSEUDO_KEEP * len(rows))))])
+        self.pseudo = {"rows": rows[keep], **{k: v[keep] for k, v in fit.items()}}
+        stats = {"pseudo_labels": int(len(keep)), "pseudo_correlation": float(np.median(score[keep]))}
+        table = self.train_set.table
+        if all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
+            R, o, q = labels_of(table.iloc[rows], self.elastic)  # HEMNMA's: reported, never used
+            err = angular_error(fit["rotations"], R)
+            rej = np.setdiff1d(np.arange(len(rows)), keep)
+            stats.update(pseudo_angle_vs_hemnma_deg=float(err[keep].mean()),
+                         pseudo_angle_rejected_vs_hemnma_deg=float(err[rej].mean()) if len(rej) else float("nan"),
+                         encoder_angle_vs_hemnma_deg=float(angular_error(pred["rotations"], R).mean()),
+                         pseudo_rmsd_vs_hemnma_A=float(self.elastic.rmsd_between(fit["amplitudes"][keep], q[keep]).mean()))
+        self.pseudo_stats = stats
+        log.info("pseudo-labels of epoch %d: %d of %d fits kept (whitened correlation ≥ %.3f)%s", epoch + 1,
+                 len(keep), len(rows), float(score[keep].min()),
+                 "" if "pseudo_angle_vs_hemnma_deg" not in stats else
+                 f"; vs HEMNMA (reported only): kept {stats['pseudo_angle_vs_hemnma_deg']:.1f}°, rejected "
+                 f"{stats['pseudo_angle_rejected_vs_hemnma_deg']:.1f}°, the encoder's "
+                 f"{stats['encoder_angle_vs_hemnma_deg']:.1f}°, kept RMSD {stats['pseudo_rmsd_vs_hemnma_A']:.2f} Å")
 
     @torch.no_grad()
     def recalibrate(self) -> None:
@@ -390,15 +470,20 @@ class VAETask(Task):
 
     def pose_batch(self, epoch: int, step: int, key: int) -> dict:
         s = self.s
-        n_real = 0
+        n_real, labels = 0, None
         if self.labelled:
             frac = (epoch * self.steps_per_epoch + step) / max(1, self.total_steps)
             n_real = int(round(s.batch_size * s.real_fraction)) if frac >= s.real_after else 0
+            labels = (np.arange(len(self.train_set)), *self.labels)
+        elif self.pseudo is not None:
+            n_real = int(round(s.batch_size * s.vae_pseudo_fraction))
+            p = self.pseudo
+            labels = (p["rows"], p["rotations"], p["origins"], p["amplitudes"])
         b = self.render(epoch, key, s.batch_size - n_real)
         if n_real:
             g = seeded_generator(s.seed + 1, epoch, key)
-            idx = torch.randint(len(self.train_set), (n_real,), generator=g).numpy()
-            R, o, q = (x[idx] for x in self.labels)
+            pick = torch.randint(len(labels[0]), (n_real,), generator=g).numpy()
+            idx, R, o, q = (x[pick] for x in labels)
             dev = self.device
             real = {"image": torch.as_tensor(self.pool.read(idx), device=dev)[:, None],
                     "rotations": torch.as_tensor(R, dtype=torch.float32, device=dev),
@@ -513,6 +598,7 @@ class VAETask(Task):
                "val_neg_elbo": float((0.5 * e["chi2"] + e["kl"]).mean()) / nb, "val_chi2_per_coefficient":
                float(e["chi2"].mean()) / nb, "val_kl": float(e["kl"].mean()), "n_val": len(self.val_set),
                "prior_scale": float(torch.exp(self.model.prior_log_scale.detach())), "gain": float(self.model.gain.detach())}
+        row.update(self.pseudo_stats)
         pred = self.predict_images(self.val_set.images.read(np.arange(len(self.val_set))))
         row["val_posterior_rmsd_A"] = float(posterior_rmsd(pred["std"], self.elastic.vectors).mean())
         if all(c in self.val_set.table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
