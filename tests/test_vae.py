@@ -209,13 +209,15 @@ def test_short_vae_training_learns_conformations_from_the_images(tmp_path):
 
 
 def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
-    """Self-training (network.vae_pseudo_fraction): from the encoder's answers, the fits through
-    the decoder that found the particle become labels and those that did not are dropped. The
-    encoder is replaced by answers made from the truth: half the particles 8° and 1 px off with
-    the amplitude at the prior's mean (a fit's basin), half at random orientations (outside
-    it). The kept half must be the near ones, fitted closer than they started, and the pose
-    steps must then carry those particles with those labels. A gate that ranked by anything
-    but how well the fit explains the image, or a fit that did not move, fails."""
+    """Self-training (network.vae_pseudo_fraction): from the encoder's pose hypotheses, the fits
+    through the decoder that found the particle become labels and those that did not are
+    dropped. The encoder is replaced by hypotheses made from the truth: for half the particles
+    one of the two is 8° and 1 px off with the amplitude at the prior's mean (a fit's basin) —
+    the first for some, the second for others — and the other random; for the other half both
+    are random (outside it, but for a few). The kept fits must be right, the near ones nearly
+    all kept and fitted closer than they started, and the pose steps must then carry those particles with those labels. A gate that
+    ranked by anything but how well the fit explains the image, a fit that did not move, or one
+    that looked at the first hypothesis only, fails."""
     from deephemnma.network.engines import make_engine
     from deephemnma.network.train import TrainSettings, make_task
 
@@ -223,9 +225,9 @@ def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
     set1, truth = write_toy_dataset(tmp_path, model, n=120, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
     modes = write_modes(tmp_path / "modes.npz", model)
     net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "vae_pseudo_fraction": 0.5,
-           "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
-           "epochs": 2, "steps_per_epoch": 2, "batch_size": 32, "engine": "single", "device": "cpu",
-           "val_fraction": 0.0, "test_fraction": 0.0, "vae_shift_range": 4.0}
+           "refine_hypotheses": 2, "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16],
+           "grid_directions": 12, "grid_inplane": 4, "epochs": 2, "steps_per_epoch": 2, "batch_size": 32,
+           "engine": "single", "device": "cpu", "val_fraction": 0.0, "test_fraction": 0.0, "vae_shift_range": 4.0}
     s = TrainSettings.from_config({"network": net})
     task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
     n = len(task.train_set)
@@ -235,29 +237,32 @@ def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
     o_true = task.train_set.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
     near = np.zeros(n, bool)
     near[g.permutation(n)[: n // 2]] = True
+    slot = g.integers(0, 2, n)                      # which hypothesis is the near one
     axis = g.normal(size=(n, 3))
     axis *= math.radians(8.0) / np.linalg.norm(axis, axis=1, keepdims=True)
     R_near = R_true @ axis_angle_matrix(torch.as_tensor(axis)).numpy()
-    R_far = random_rotations(n, seeded_generator(9, 0, 0)).double().numpy()
-    start = np.where(near[:, None, None], R_near, R_far)
+    hyps = random_rotations(2 * n, seeded_generator(9, 0, 0)).double().numpy().reshape(n, 2, 3, 3)
+    hyps[near, slot[near]] = R_near[near]
+    assert (slot[near] == 1).sum() >= n // 8
 
-    def answers(images, turns=1, batch=256):
-        assert len(images) == n  # every set-1 particle (fewer than PSEUDO_PARTICLES), in order
-        return {"rotations": start, "origins": o_true + np.where(near[:, None], 4.0, 0.0),
-                "amplitudes": np.zeros((n, 1)), "std": np.ones((n, 1))}
+    def hypotheses(images, batch=256):
+        assert len(images) == n  # every set-1 particle (fewer than vae_pseudo_particles), in order
+        return {"rotations": hyps, "origins": o_true + np.where(near[:, None], 4.0, 0.0), "amplitudes": np.zeros((n, 1))}
 
-    task.predict_images = answers
+    task.pose_hypotheses = hypotheses
     task.relabel(1)
     p = task.pseudo
     kept = p["rows"]
-    assert len(kept) == n // 2
-    assert near[kept].mean() >= 0.9
-    err_start = angular_error(start[kept], R_true[kept])
-    err_fit = angular_error(p["rotations"], R_true[kept])
-    near_kept = near[kept]
-    assert np.median(err_fit[near_kept]) < 0.5 * np.median(err_start[near_kept])
-    assert np.abs(p["amplitudes"][near_kept, 0] - q_true[kept][near_kept, 0]).mean() < \
-        0.5 * np.abs(q_true[kept][near_kept, 0]).mean()
+    # found: within 20° (at 16² and 4 Å/px the toy's images hardly tell 15° apart: such fits explain the
+    # image as well as the truth does); a far start can land in the basin too
+    found = angular_error(p["rotations"], R_true[kept]) < 20
+    assert found.mean() >= 0.95 and near[kept].sum() >= 0.9 * near.sum()
+    nk = kept[near[kept]]
+    err_start = angular_error(R_near[nk], R_true[nk])
+    err_fit = angular_error(p["rotations"][near[kept]], R_true[nk])
+    assert np.median(err_fit) < 0.5 * np.median(err_start)
+    assert np.median(err_fit[slot[nk] == 1]) < 0.5 * np.median(err_start)   # found from the second hypothesis
+    assert np.abs(p["amplitudes"][near[kept], 0] - q_true[nk, 0]).mean() < 0.5 * np.abs(q_true[nk, 0]).mean()
     # the pose steps: half real pseudo-labelled particles, their images and fitted labels
     b = task.pose_batch(1, 0, 0)
     n_real = int(round(s.batch_size * s.vae_pseudo_fraction))
@@ -296,4 +301,5 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
-    assert [r.get("pseudo_labels") for r in rows] == ["", "36", "36"]  # half of the 72 training particles
+    assert rows[0].get("pseudo_fitted") == "" and all(r["pseudo_fitted"] == "72" for r in rows[1:])  # all 72 of set 1
+    assert all(int(r["pseudo_labels"]) > 0 for r in rows[1:])

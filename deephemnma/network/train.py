@@ -131,6 +131,7 @@ class TrainSettings:
     vae_refine_iterations: int
     vae_pseudo_fraction: float
     vae_pseudo_after: float
+    vae_pseudo_particles: int
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

@@ -59,10 +59,12 @@ Self-training (``scratch``, ``vae_pseudo_fraction`` > 0): rendered particles tea
 on the renderer's images, not the data's (other atoms, the microscope's real transfer, other
 noise), and without labels the encoder's poses on real particles lag its poses on renders.
 So at the start of every epoch (after ``vae_pseudo_after`` of the steps) set-1 particles are
-answered by the encoder and fitted through the decoder from those answers
-(:func:`gauss_newton_fit`: rotation, shift and amplitudes); the fits whose model image
-correlates best with the particle — whitened, the top half: a fit started outside its basin
-(wrong view, mirrored hand) finds no model that matches — become labelled real images in
+answered by the encoder and fitted through the decoder from its pose hypotheses (its
+answer and the other peaks of its distribution over the grid; :func:`gauss_newton_fit`:
+rotation, shift and amplitudes; the best-correlating one kept); the fits whose model image
+correlates with the particle (whitened) at least 0.7 × as well as the best-fitted tenth's do —
+a fit started outside its basin (wrong view, mirrored hand) finds no model that matches —
+become labelled real images in
 that fraction of each pose step's batch (:meth:`.vae_task.VAETask.relabel`). The decoder is
 the teacher, the encoder the student: the amortised refinement of the reconstruction steps
 made a label with a quality gate. Set 2 is never fitted.
