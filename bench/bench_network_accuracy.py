@@ -164,7 +164,8 @@ def evaluate(res: Path, star: Path, name: str) -> dict:
 
 def mean_conformation_rmsd(res: Path, models: Path | None = None) -> float:
     """Deformation RMSD (Å) of predicting set 1's mean amplitudes (of ``models``, default
-    ``res``) for every set-2 particle of ``res``, on set 1's modes."""
+    ``res``) for every set-2 particle of ``res``, on set 1's modes: HEMNMA's mean over the set 1 it
+    kept, or before HEMNMA has run, the true mean of set 1's amplitudes (the simulation's)."""
     models = models or res
     import numpy as np
 
@@ -175,9 +176,13 @@ def mean_conformation_rmsd(res: Path, models: Path | None = None) -> float:
 
     ms = load_modes(res / "nma/modes.npz")
     truth = load_ground_truth(res / "simulate/ground_truth.star")
-    set1 = read_star(models / "filter/kept.star").particles
     set2 = read_star(res / "preprocess/set2.star").particles
     _, t2 = align_tables(set2, truth)
+    if (models / "filter/kept.star").exists():
+        set1 = read_star(models / "filter/kept.star").particles
+    else:
+        _, set1 = align_tables(read_star(models / "preprocess/set1.star").particles,
+                               load_ground_truth(models / "simulate/ground_truth.star"))
     cols = amplitude_columns(set1)
     V = np.stack([ms.mode(int(c[-3:])) for c in cols])
     dq = t2[cols].to_numpy(float) - set1[cols].to_numpy(float).mean(0)

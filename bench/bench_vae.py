@@ -6,9 +6,11 @@ decodes through), its HEMNMA labels of image set 1, its regressor checkpoint and
 for the held-out image set 2 (the regressor alone, HEMNMA). This script trains two VAEs
 (``network.model: vae``) with the bench's training settings:
 
-- ``scratch``: no HEMNMA label at all (``vae_init: scratch``): the renderer is calibrated from
-  the images, rendered amplitudes come from the thermal prior; the reconstruction sees set 1
-  and the unlabelled set 2 (``vae_data: all``), as a user without labels would run it;
+- ``scratch``: no HEMNMA output at all (``vae_init: scratch``; set 1 as preprocessed, before
+  HEMNMA's outlier filter): the renderer is calibrated from the images, rendered amplitudes
+  come from the thermal prior; the reconstruction sees set 1 and the unlabelled set 2
+  (``vae_data: all``), as a user without labels would run it (``--only scratch`` needs only the
+  network-accuracy bench's particles, and reports HEMNMA and the regressor when they exist);
 - ``regressor``: the encoder starts from the regressor's checkpoint (``vae_init: regressor``,
   ``vae_init_checkpoint``) and learns from the images of both sets, under the prior of
   HEMNMA's set-1 amplitudes (``vae_prior: hemnma``: the labels exist, so the prior uses them);
@@ -32,6 +34,9 @@ fitted modes next to the main case's, and the posterior's width next to its actu
     python bench/bench_vae.py --diagnose       # pose-pretraining curves of the scratch VAE's variants
     python bench/bench_vae.py --only scratch --scratch-set network.vae_prior_rmsd=6 \
         --scratch-set network.vae_pretrain=0.7    # a variant of the scratch VAE, in its own folder
+    python bench/bench_vae.py --only scratch --scratch-steps 8000 --scratch-set network.vae_prior_rmsd=6 \
+        --scratch-set network.vae_pretrain=0.7 --scratch-set network.vae_pseudo_fraction=0.5 \
+        --scratch-set network.vae_pseudo_after=0.2 --scratch-set network.vae_pseudo_particles=1024   # self-training
 
 Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` variant: vae_scratch_<tag>.json).
 Resumable: a finished training or prediction is not redone.
@@ -60,9 +65,10 @@ RANK_STEPS_PER_CPU_S = 2 * 600 / 616
 
 
 def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: int,
-              steps: int | None = None) -> tuple[Path, float]:
+              steps: int | None = None, particles: Path | None = None) -> tuple[Path, float]:
     """Train one VAE into res/bench/<name> for ``steps`` optimiser steps (default: as many as
-    ``cpu_hours`` buy on this machine's CPU); returns (best.pt, CPU-hours of this training)."""
+    ``cpu_hours`` buy on this machine's CPU) on ``particles`` (default: set 1 as HEMNMA's filter
+    kept it); returns (best.pt, CPU-hours of this training)."""
     out = res / "bench" / name
     best = out / "best.pt"
     cpu_file = out / "cpu_seconds.json"
@@ -74,7 +80,7 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
             "network.vae_data": "all", "network.vae_particles": [str(res / "preprocess/set2.star")], **overrides}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "deephemnma"] if ranks > 1 else [sys.executable, "-m", "deephemnma"])
-    cmd = [*launch, "train", "--particles", res / "filter/kept.star", "--modes", res / "nma/modes.npz",
+    cmd = [*launch, "train", "--particles", particles or res / "filter/kept.star", "--modes", res / "nma/modes.npz",
            "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1, "--resume", "auto"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
@@ -241,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_network_accuracy",
                     help="the work folder of bench_network_accuracy.py (run it first)")
     ap.add_argument("--scratch-cpu-hours", type=float, default=2.0)
+    ap.add_argument("--scratch-steps", type=int,
+                    help="optimiser steps of the scratch VAE (default: as many as --scratch-cpu-hours buy at the "
+                         "reconstruction steps' rate; pose steps are cheaper, the CPU-hours are measured)")
     ap.add_argument("--init-cpu-hours", type=float, default=1.0)
     ap.add_argument("--ranks", type=int, default=2, help="training ranks (DDP, one thread each)")
     ap.add_argument("--gpu", action="store_true",
@@ -268,9 +277,10 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     scratch_sets = dict(args.scratch_set)
-    scratch = scratch_folder(scratch_sets)
+    scratch = scratch_folder({**scratch_sets, **({"steps": str(args.scratch_steps)} if args.scratch_steps else {})})
+    # the scratch VAE sees no HEMNMA output at all: set 1 as preprocessed, before HEMNMA's outlier filter
     variants = {
-        scratch: ({"network.vae_init": "scratch", **scratch_sets}, args.scratch_cpu_hours, res / "filter/kept.star"),
+        scratch: ({"network.vae_init": "scratch", **scratch_sets}, args.scratch_cpu_hours, res / "preprocess/set1.star"),
         "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt"),
                        "network.vae_prior": "hemnma"},
                       args.init_cpu_hours, res / "network/best.pt"),
@@ -281,22 +291,23 @@ def main(argv=None) -> int:
             continue
         if not needs.exists():
             return missing(needs, args.work)
-        train_vae(res, f"vae_{name}", over, hours, 1 if args.gpu else args.ranks, steps=20000 if args.gpu else None)
+        steps = 20000 if args.gpu else args.scratch_steps if name == scratch else None
+        train_vae(res, f"vae_{name}", over, hours, 1 if args.gpu else args.ranks, steps=steps,
+                  particles=needs if name == scratch else None)
     if args.train_only:
         return 0
-    for p in need:
-        if not p.exists():
+    for p in need:  # --only scratch: the other methods' rows when they exist
+        if not p.exists() and args.only != "scratch":
             return missing(p, args.work)
     chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
     prev = json.loads((HERE / "results/network_accuracy.json").read_text()) if (
         HERE / "results/network_accuracy.json").exists() else {}
-    figures: dict = {
-        "hemnma": evaluate(res, res / "bench/hemnma_set2/hemnma.star", "hemnma"),
-        "regressor_alone": {**evaluate(res, res / "bench/network_alone/predicted.star", "alone"),
-                            "training_cpu_hours": prev.get("figures", {}).get("training_cpu_hours")},
-        "mean_conformation_rmsd_A": mean_conformation_rmsd(res),
-        "chance_angle_deg": 90.0,
-    }
+    figures: dict = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0}
+    if need[1].exists():
+        figures["hemnma"] = evaluate(res, need[1], "hemnma")
+    if need[0].exists():
+        figures["regressor_alone"] = {**evaluate(res, need[0], "alone"),
+                                      "training_cpu_hours": prev.get("figures", {}).get("training_cpu_hours")}
     for name in variants:
         out = res / "bench" / f"vae_{name}"
         if not (out / "best.pt").exists():
@@ -307,12 +318,12 @@ def main(argv=None) -> int:
                                   "settings": variants[name][0],
                                   "posterior_vs_error": posterior_vs_error(res, star),
                                   "summary": json.loads((out / "summary.json").read_text())}
-    if args.misfit_n > 0:
+    if args.misfit_n > 0 and (res / "network/best.pt").exists():
         figures["misfit"] = misfit_case(args, res, [f"vae_{n}" for n in variants
                                                     if (res / "bench" / f"vae_{n}" / "best.pt").exists()])
     figures["wall_seconds"] = time.perf_counter() - t0
     # a variant of the scratch VAE writes its own file (vae.json stays the defaults' record)
-    name = ("vae_gpu" if args.gpu else "vae") + (f"_{scratch}" if scratch_sets else "")
+    name = ("vae_gpu" if args.gpu else "vae") + (f"_{scratch}" if scratch != "scratch" else "")
     write_result(name, figures, notes="image set 2 of the network-accuracy bench is the test; "
                                        "errors against the simulation's ground truth; encoders alone")
     print(json.dumps({k: {m: v for m, v in f.items() if m in ("angle_deg", "shift_A_per_axis", "rmsd_A",
