@@ -171,8 +171,9 @@ def test_short_vae_training_learns_conformations_from_the_images(tmp_path):
     """A VAE trained from scratch (no label) on 150 + 150 particles — set 1 and set 2, as with
     vae_data all — finds the conformations of set 2's particles from the images. Amplitudes
     come from the evidence lower bound alone (amplitude_weight 0: the rendered particles teach
-    pose and shift only), so a broken likelihood, KL or decoder leaves them at the prior's mean
-    or worse — at or above the mean-conformation baseline."""
+    pose and shift only; no pseudo-labels, which fit amplitudes through the decoder), so a broken
+    likelihood, KL or decoder leaves them at the prior's mean or worse — at or above the
+    mean-conformation baseline."""
     from deephemnma.core.star import read_star
     from deephemnma.network.checkpoint import load_checkpoint
     from deephemnma.network.data import load_particles
@@ -188,7 +189,7 @@ def test_short_vae_training_learns_conformations_from_the_images(tmp_path):
            "arch": "convnet", "width": 16, "input_box": 16, "hidden": [256], "grid_directions": 48, "grid_inplane": 12,
            "grid_sigma": 20.0, "grid_sigma_end": None, "lr": 3e-3, "schedule": "constant", "warmup_epochs": 0, "epochs": 13,
            "steps_per_epoch": 200, "batch_size": 32, "engine": "single", "device": "cpu", "val_fraction": 0.1,
-           "test_fraction": 0.0, "tta_turns": 1, "vae_shift_range": 4.0}
+           "test_fraction": 0.0, "tta_turns": 1, "vae_shift_range": 4.0, "vae_pseudo_fraction": 0.0}
     t0 = time.process_time()
     res = train(set1, tmp_path / "net", TrainSettings.from_config({"network": net}), modes=modes, resume=False)
     cpu = time.process_time() - t0

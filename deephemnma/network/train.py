@@ -129,7 +129,7 @@ class TrainSettings:
     vae_pose_fraction: float
     vae_shift_range: float | None
     vae_refine_iterations: int
-    vae_pseudo_fraction: float
+    vae_pseudo_fraction: float | None
     vae_pseudo_after: float
     vae_pseudo_particles: int
 
@@ -141,6 +141,8 @@ class TrainSettings:
                 setattr(self, k, v)
         self.seed = int(self.seed or 0)
         self.hidden = list(self.hidden)
+        if self.vae_pseudo_fraction is None:  # self-training where no label exists
+            self.vae_pseudo_fraction = 0.5 if self.vae_init == "scratch" else 0.0
 
     @property
     def formulation(self) -> str:

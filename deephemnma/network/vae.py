@@ -55,7 +55,7 @@ Pose and conformation are kept apart the HetACUMN way: the optimiser steps alter
   decoder detached (it is learnt by the pose steps alone), so the likelihood cannot trade
   conformation for pose.
 
-Self-training (``scratch``, ``vae_pseudo_fraction`` > 0): rendered particles teach poses
+Self-training (``scratch``; ``vae_pseudo_fraction``, 0.5 by default there): rendered particles teach poses
 on the renderer's images, not the data's (other atoms, the microscope's real transfer, other
 noise), and without labels the encoder's poses on real particles lag its poses on renders.
 So at the start of every epoch (after ``vae_pseudo_after`` of the steps) set-1 particles are
