@@ -120,11 +120,11 @@ class TrainSettings:
     model: str
     vae_init: str
     vae_init_checkpoint: str | None
-    vae_pretrain: float
+    vae_pretrain: float | None
     vae_data: str
     vae_particles: list | None
     vae_prior: str
-    vae_prior_rmsd: float
+    vae_prior_rmsd: float | None
     vae_kl_weight: float
     vae_pose_fraction: float
     vae_shift_range: float | None
@@ -143,6 +143,12 @@ class TrainSettings:
         self.hidden = list(self.hidden)
         if self.vae_pseudo_fraction is None:  # self-training where no label exists
             self.vae_pseudo_fraction = 0.5 if self.vae_init == "scratch" else 0.0
+        # without labels the encoder must find poses alone: a longer pose pretraining and a wider
+        # starting prior (bench/README.md: 43.6° with 2 Å and 30 %, 17° with 6 Å and 70 %)
+        if self.vae_pretrain is None:
+            self.vae_pretrain = 0.7 if self.vae_init == "scratch" else 0.3
+        if self.vae_prior_rmsd is None:
+            self.vae_prior_rmsd = 6.0 if self.vae_init == "scratch" else 2.0
 
     @property
     def formulation(self) -> str:

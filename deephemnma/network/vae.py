@@ -62,15 +62,16 @@ So at the start of every epoch (after ``vae_pseudo_after`` of the steps) set-1 p
 answered by the encoder and fitted through the decoder from its pose hypotheses (its
 answer and the other peaks of its distribution over the grid; :func:`gauss_newton_fit`:
 rotation, shift and amplitudes; the best-correlating one kept); the fits whose model image
-correlates with the particle (whitened) at least 0.7 × as well as the best-fitted tenth's do —
-a fit started outside its basin (wrong view, mirrored hand) finds no model that matches —
-become labelled real images in
-that fraction of each pose step's batch (:meth:`.vae_task.VAETask.relabel`). The decoder is
+explains the particle's signal — the cosine between them in the whitened band, estimated from
+the image and the noise spectrum, within 3σ of 1 and at least 0.7 — become labelled real
+images in that fraction of each pose step's batch (a fit started outside its basin, a wrong
+view or the mirrored hand, finds no model that matches: cosine ~0.4 against ~0.9) (:meth:`.vae_task.VAETask.relabel`). The decoder is
 the teacher, the encoder the student: the amortised refinement of the reconstruction steps
 made a label with a quality gate. Set 2 is never fitted.
 
 The first ``vae_pretrain`` of the steps are pose steps only (the encoder must find poses
-before the likelihood means anything); then a fraction ``vae_pose_fraction`` of the steps
+before the likelihood means anything; 0.7 by default for ``scratch``, with a 6 Å starting
+prior, ``vae_prior_rmsd``: with no label the poses are the hard part; 0.3 and 2 Å otherwise); then a fraction ``vae_pose_fraction`` of the steps
 are pose steps, interleaved. With ``vae_init: regressor`` and ``vae_init_checkpoint`` (a
 grid ``best.pt``) the encoder and the calibration start from that network and there is no
 pretraining.
