@@ -4,6 +4,7 @@ renders of a toy model learns conformations from the images (likelihood + KL), f
 than predicting the mean conformation."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -304,3 +305,38 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
     assert rows[0].get("pseudo_fitted") == "" and all(r["pseudo_fitted"] == "72" for r in rows[1:])  # all 72 of set 1
     assert all(int(r["pseudo_labels"]) > 0 for r in rows[1:])
+
+
+def test_scratch_vae_trains_on_particles_without_any_label(tmp_path):
+    """vae_init scratch needs no HEMNMA output: it trains on a STAR file as preprocessing wrote it
+    (no angles, origins or amplitudes) — pose steps, pseudo-labels, reconstruction, validation
+    and the test split — while the regressor's start on the same file stops with the one-line
+    error naming the file and the missing columns."""
+    import starfile
+
+    from deephemnma.core.errors import InputError
+    from deephemnma.network.checkpoint import load_checkpoint
+    from deephemnma.network.train import TrainSettings, train
+
+    model = toy_model()
+    labelled, _ = write_toy_dataset(tmp_path, model, n=60, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
+    star = starfile.read(labelled, always_dict=True)
+    star["particles"] = star["particles"][["rlnImageName", "rlnOpticsGroup"]]
+    bare = tmp_path / "bare.star"
+    starfile.write(star, bare, overwrite=True)
+    modes = write_modes(tmp_path / "modes.npz", model)
+    net = {"model": "vae", "vae_init": "scratch", "vae_pseudo_after": 0.3, "vae_refine_iterations": 1,
+           "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
+           "epochs": 3, "steps_per_epoch": 3, "batch_size": 16, "engine": "single", "device": "cpu",
+           "val_fraction": 0.15, "test_fraction": 0.15, "vae_shift_range": 4.0, "warmup_epochs": 0}
+    s = TrainSettings.from_config({"network": net})
+    assert s.vae_pseudo_fraction == 0.5 and s.vae_prior_rmsd == 6.0 and s.vae_pretrain == 0.7  # scratch defaults
+    res = train(bare, tmp_path / "net", s, modes=modes, resume=False)
+    ck = load_checkpoint(tmp_path / "net" / "best.pt")
+    assert ck["epoch"] >= 1 and res.best_epoch >= 1
+    summary = json.loads((tmp_path / "net" / "summary.json").read_text())
+    assert summary["data"]["n_test"] > 0 and summary["data"]["n_val"] > 0
+    assert "test" not in summary  # no label: the test split gets no figures, and no error
+    with pytest.raises(InputError, match=r"bare\.star.*missing label column"):
+        train(bare, tmp_path / "net2", TrainSettings.from_config({"network": {**net, "vae_init": "regressor"}}),
+              modes=modes, resume=False)

@@ -38,14 +38,16 @@ def _image_keys(ps: ParticleSet) -> set[str]:
 
 def prepare_data(particles, settings, val_particles=None, data_dir=None):
     """(train, validation or None, test or None) sets — by particle, never overlapping. The
-    test split (``network.test_fraction`` of set 1) is seen by nothing but the final report."""
-    full = load_particles(particles, data_dir, labels=True, exclude_flagged=settings.exclude_flagged)
+    test split (``network.test_fraction`` of set 1) is seen by nothing but the final report.
+    Labels are required where the settings need them (:attr:`.train.TrainSettings.needs_labels`)."""
+    labels = settings.needs_labels
+    full = load_particles(particles, data_dir, labels=labels, exclude_flagged=settings.exclude_flagged)
     test = None
     if settings.test_fraction > 0 and len(np.unique(full.keys)) >= 3:
         rest, te = split_by_particle(full.keys, settings.test_fraction, settings.seed + 7717)
         full, test = full.subset(rest), full.subset(te)
     if val_particles:
-        val = load_particles(val_particles, data_dir, labels=True, exclude_flagged=settings.exclude_flagged)
+        val = load_particles(val_particles, data_dir, labels=labels, exclude_flagged=settings.exclude_flagged)
         common = _image_keys(full) & _image_keys(val)
         if common:
             raise InputError(val.sources[0], f"{len(common)} particle image(s) are in both the training and the "

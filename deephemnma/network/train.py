@@ -151,6 +151,12 @@ class TrainSettings:
             self.vae_prior_rmsd = 6.0 if self.vae_init == "scratch" else 2.0
 
     @property
+    def needs_labels(self) -> bool:
+        """Whether the training particles must carry HEMNMA's labels (angles, origins,
+        amplitudes): every model but the VAE from scratch, which learns from the images alone."""
+        return not (self.model == "vae" and self.vae_init == "scratch")
+
+    @property
     def formulation(self) -> str:
         """``posegrid`` (the grid recipe) or ``regressor`` (fast, paper)."""
         return "posegrid" if self.recipe == "grid" else "regressor"
