@@ -102,6 +102,39 @@ def test_resume_after_kill_is_bit_for_bit(toy, trained, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
+def test_a_kill_between_checkpoint_writes_never_loses_best(toy, tmp_path, monkeypatch):
+    """Killed right after the first checkpoint file of an improving epoch is complete (a node
+    failure between the two atomic writes): whenever last.pt exists, the best.pt of the epoch it
+    records as best exists too, and the resumed run ends with both. (With last.pt written first,
+    the resumed run could end with no best.pt when no later epoch improved.)"""
+    from deephemnma.core.config import apply_overrides, defaults
+    from deephemnma.network import loop
+    from deephemnma.network.train import TrainSettings, train
+
+    s = TrainSettings.from_config(apply_overrides(defaults(), TINY[1::2]))
+    out = tmp_path / "run"
+    real_save = loop.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise Killed(path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(toy, out, s, resume=True)
+    if (out / "last.pt").exists():
+        best_epoch = torch.load(out / "last.pt", weights_only=True)["best"]["epoch"]
+        assert (out / "best.pt").exists() and torch.load(out / "best.pt", weights_only=True)["epoch"] == best_epoch
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    train(toy, out, s, resume=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 4
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == last["best"]["epoch"]
+
+
 def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, trained, tmp_path, caplog):
     """--resume auto (the workflow's): a finished run, or one with other settings, is not
     continued but started over (same bytes as a fresh run); an unfinished run with the same

@@ -319,9 +319,12 @@ class Trainer:
             "optimizer_state": self.optimizer.state_dict(),
             "scaler_state": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(),
         }
-        save_checkpoint(self.out / "last.pt", state)
+        # best.pt first: a job killed between the two writes resumes from the previous last.pt and
+        # redoes this epoch (same bytes); the other order could leave a last.pt whose best epoch's
+        # best.pt was never written, and a resumed run that ends without any best.pt
         if improved:
             save_checkpoint(self.out / "best.pt", inference_state(state))
+        save_checkpoint(self.out / "last.pt", state)
         write_metrics_csv(self.out / "metrics.csv", p.history)
         plot_curves(self.out / "curves.png", p.history, task.loss_names)
         row = p.history[-1]
