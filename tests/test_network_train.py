@@ -102,11 +102,15 @@ def test_resume_after_kill_is_bit_for_bit(toy, trained, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
-def test_a_kill_between_checkpoint_writes_never_loses_best(toy, tmp_path, monkeypatch):
-    """Killed right after the first checkpoint file of an improving epoch is complete (a node
-    failure between the two atomic writes): whenever last.pt exists, the best.pt of the epoch it
-    records as best exists too, and the resumed run ends with both. (With last.pt written first,
-    the resumed run could end with no best.pt when no later epoch improved.)"""
+@pytest.mark.parametrize("die", ["first write", "second write", "final last.pt"])
+def test_a_kill_between_checkpoint_writes_never_loses_best(toy, trained, tmp_path, monkeypatch, die):
+    """Killed right after the first or second checkpoint file is complete (a node failure
+    between atomic writes), or after the final epoch's last.pt (before the summary), and best.pt
+    then removed, as snakemake removes a
+    job's declared outputs before rerunning it: whenever last.pt exists, the best.pt of the
+    epoch it records as best exists too, and the resumed run ends with the best.pt of an
+    uninterrupted run's best epoch. (Writing last.pt first, or resuming without best.pt's weights, ended the
+    workflow's rerun without any best.pt when no later epoch improved.)"""
     from deephemnma.core.config import apply_overrides, defaults
     from deephemnma.network import loop
     from deephemnma.network.train import TrainSettings, train
@@ -114,13 +118,17 @@ def test_a_kill_between_checkpoint_writes_never_loses_best(toy, tmp_path, monkey
     s = TrainSettings.from_config(apply_overrides(defaults(), TINY[1::2]))
     out = tmp_path / "run"
     real_save = loop.save_checkpoint
+    calls = []
 
     class Killed(Exception):
         pass
 
     def save_then_die(path, state):
         real_save(path, state)
-        raise Killed(path)
+        calls.append(path)
+        if (die == "first write" and len(calls) == 1) or (die == "second write" and len(calls) == 2) or \
+                (die == "final last.pt" and path.name == "last.pt" and state["epoch"] == 4):
+            raise Killed(path)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
@@ -128,11 +136,14 @@ def test_a_kill_between_checkpoint_writes_never_loses_best(toy, tmp_path, monkey
     if (out / "last.pt").exists():
         best_epoch = torch.load(out / "last.pt", weights_only=True)["best"]["epoch"]
         assert (out / "best.pt").exists() and torch.load(out / "best.pt", weights_only=True)["epoch"] == best_epoch
+    (out / "best.pt").unlink(missing_ok=True)   # snakemake, before the rerun
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     train(toy, out, s, resume=True)
     last = torch.load(out / "last.pt", weights_only=True)
-    assert last["epoch"] == 4
-    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == last["best"]["epoch"]
+    best = torch.load(out / "best.pt", weights_only=True)
+    ref = torch.load(trained / "best.pt", weights_only=True)
+    assert last["epoch"] == 4 and best["epoch"] == last["best"]["epoch"] == ref["epoch"]
+    assert len(best["history"]) == best["epoch"]  # the state of that epoch, not a later one
 
 
 def test_resume_auto_continues_only_an_unfinished_run_of_the_same_training(toy, trained, tmp_path, caplog):

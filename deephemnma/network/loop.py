@@ -24,6 +24,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,36 @@ def check_resume(ck: dict, task: Task, s, world: int, path: Path) -> None:
                     "checkpoint started")
 
 
+#: a second name (hard link) of best.pt kept for resuming: a workflow engine removes a job's
+#: declared outputs (best.pt) before rerunning it, but last.pt's best epoch needs its weights
+BEST_COPY = ".best.resume.pt"
+
+
+def keep_best_copy(out: Path) -> None:
+    """Point ``out/BEST_COPY`` at the current best.pt (same inode; replaced atomically)."""
+    tmp = out / (BEST_COPY + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(out / "best.pt", tmp)
+    os.replace(tmp, out / BEST_COPY)
+
+
+def restore_best(out: Path, ck: dict) -> str | None:
+    """Put back best.pt for a resumed run whose best.pt was removed (by snakemake before a rerun,
+    or by hand) from the copy :func:`keep_best_copy` kept; why it cannot, or None."""
+    best, copy = out / "best.pt", out / BEST_COPY
+    want = int(ck.get("best", {}).get("epoch") or 0)
+    if best.exists() or want == 0:
+        return None
+    if not copy.exists() or int(load_checkpoint(copy).get("epoch", -1)) != want:
+        return f"best.pt of epoch {want} is gone"
+    tmp = out / "best.pt.tmp"
+    tmp.unlink(missing_ok=True)
+    os.link(copy, tmp)
+    os.replace(tmp, best)
+    log.info("best.pt (epoch %d) restored from %s", want, copy)
+    return None
+
+
 def load_progress(task: Task, s, engine: Engine, out: Path, resume, scaler) -> tuple[Progress, dict | None]:
     """The progress to continue from (model weights, scaler and RNG restored), and the
     checkpoint (for the optimiser state) — or a fresh start."""
@@ -195,7 +226,13 @@ def load_progress(task: Task, s, engine: Engine, out: Path, resume, scaler) -> t
         if why:
             log.info("starting over: %s is not an unfinished run of this training (%s)", last, why)
             ck = None
-    if ck is None:
+    if ck is not None and engine.is_main:
+        why = restore_best(out, ck)
+        if why:
+            log.warning("starting over: %s cannot be continued (%s)", last, why)
+            ck = None
+    ck = engine.broadcast_object(ck is not None) and ck
+    if not ck:
         return Progress(), None
     check_resume(ck, task, s, engine.world_size, last)
     task.model.load_state_dict(ck["model_state"])
@@ -324,6 +361,7 @@ class Trainer:
         # best.pt was never written, and a resumed run that ends without any best.pt
         if improved:
             save_checkpoint(self.out / "best.pt", inference_state(state))
+            keep_best_copy(self.out)
         save_checkpoint(self.out / "last.pt", state)
         write_metrics_csv(self.out / "metrics.csv", p.history)
         plot_curves(self.out / "curves.png", p.history, task.loss_names)
