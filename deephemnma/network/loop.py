@@ -191,12 +191,17 @@ def check_resume(ck: dict, task: Task, s, world: int, path: Path) -> None:
 BEST_COPY = ".best.resume.pt"
 
 
-def keep_best_copy(out: Path) -> None:
-    """Point ``out/BEST_COPY`` at the current best.pt (same inode; replaced atomically)."""
-    tmp = out / (BEST_COPY + ".tmp")
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a second name of ``src`` (same inode), replaced atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    os.link(out / "best.pt", tmp)
-    os.replace(tmp, out / BEST_COPY)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def keep_best_copy(out: Path) -> None:
+    """Point ``out/BEST_COPY`` at the current best.pt."""
+    _link(out / "best.pt", out / BEST_COPY)
 
 
 def restore_best(out: Path, ck: dict) -> str | None:
@@ -208,10 +213,7 @@ def restore_best(out: Path, ck: dict) -> str | None:
         return None
     if not copy.exists() or int(load_checkpoint(copy).get("epoch", -1)) != want:
         return f"best.pt of epoch {want} is gone"
-    tmp = out / "best.pt.tmp"
-    tmp.unlink(missing_ok=True)
-    os.link(copy, tmp)
-    os.replace(tmp, best)
+    _link(copy, best)
     log.info("best.pt (epoch %d) restored from %s", want, copy)
     return None
 
