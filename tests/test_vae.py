@@ -275,6 +275,69 @@ def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
     np.testing.assert_allclose(b["amplitudes"][-n_real:].numpy(), p["amplitudes"][hit], atol=1e-4)
 
 
+def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path):
+    """network.vae_pseudo_prior: once an epoch has enough pseudo-labels, the prior on the
+    amplitudes is theirs (mean, per-mode spread) and the pose steps render amplitudes drawn
+    from them — a specimen whose conformations all lie far from the reference is no longer
+    pulled toward it. Pseudo-labels set 6 prior σ away from the reference: the prior's mean and
+    σ follow them, the KL is smallest there, and rendered amplitudes lie among them (within the
+    kde jitter), not around the reference. Too few pseudo-labels, or the setting off, leave the
+    thermal prior as it was."""
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.train import TrainSettings, make_task
+    from deephemnma.network.vae_task import PSEUDO_PRIOR_MIN
+
+    model = toy_model()
+    set1, truth = write_toy_dataset(tmp_path, model, n=60, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
+    modes = write_modes(tmp_path / "modes.npz", model)
+    net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "arch": "convnet", "width": 4,
+           "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4, "epochs": 2,
+           "steps_per_epoch": 2, "batch_size": 64, "engine": "single", "device": "cpu", "val_fraction": 0.0,
+           "test_fraction": 0.0, "vae_shift_range": 4.0}
+
+    def task_with(pseudo_q, **over):
+        s = TrainSettings.from_config({"network": {**net, **over}})
+        task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
+        n = len(pseudo_q)
+        task.pseudo = {"rows": np.arange(n), "rotations": np.tile(np.eye(3), (n, 1, 1)), "origins": np.zeros((n, 2)),
+                       "amplitudes": pseudo_q, "correlation": np.ones(n), "cosine": np.ones(n)}
+        return task
+
+    thermal = float(task_with(np.zeros((1, 1))).model.prior_std().detach()[0])
+    g = np.random.default_rng(3)
+    q = (6 * thermal + 0.5 * thermal * g.standard_normal(200))[:, None]
+    task = task_with(q)
+    task.pseudo_prior()
+    vae = task.model
+    assert float(vae.prior_mean[0]) == pytest.approx(q.mean(), rel=1e-5)
+    assert float(vae.prior_std().detach()[0]) == pytest.approx(q.std(), rel=1e-4)
+    mu = torch.linspace(-8 * thermal, 8 * thermal, 321)[:, None]
+    std = torch.full_like(mu, 0.1 * thermal)
+    assert abs(float(mu[vae.kl(mu, std, torch.log(std)).argmin(), 0]) - q.mean()) < 0.06 * thermal
+    r = task.render(1, 0, 400)["amplitudes"].numpy()[:, 0]
+    assert abs(r.mean() - q.mean()) < 0.15 * thermal and 0.6 * q.std() < r.std() < 1.6 * q.std()
+    assert r.min() > q.min() - 5 * task.s.render_bandwidth * q.std()
+    few = task_with(q[: PSEUDO_PRIOR_MIN - 1])
+    few.pseudo_prior()
+    assert float(few.model.prior_mean[0]) == 0.0 and float(few.model.prior_std().detach()[0]) == pytest.approx(thermal)
+    assert abs(float(few.render(1, 0, 400)["amplitudes"].mean())) < 0.3 * thermal
+    # through relabel (hypotheses at the truth: most fits kept), with the setting on and off
+    R_true = truth["rotations"]
+    for on in (True, False):
+        task = task_with(q, vae_pseudo_fraction=0.5, vae_pseudo_prior=on)
+        o = task.train_set.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+        task.pose_hypotheses = lambda images, batch=256: {"rotations": R_true[:, None], "origins": o,
+                                                          "amplitudes": np.zeros((len(R_true), 1))}
+        task.relabel(1)
+        kept = task.pseudo["amplitudes"][:, 0]
+        assert len(kept) >= PSEUDO_PRIOR_MIN and abs(kept.std() - thermal) > 0.2 * thermal  # the toy's spread is not the prior's
+        prior_mean, prior_std = float(task.model.prior_mean[0]), float(task.model.prior_std().detach()[0])
+        if on:
+            assert prior_mean == pytest.approx(kept.mean(), rel=1e-4) and prior_std == pytest.approx(kept.std(), rel=1e-3)
+        else:
+            assert prior_mean == 0.0 and prior_std == pytest.approx(thermal) and task.pseudo_render is None
+
+
 def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     """A VAE training stopped after an epoch and resumed ends with the same weights, bit for bit,
     as one run straight through — with self-calibration and pseudo-labels (both recomputed from

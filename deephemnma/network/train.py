@@ -132,6 +132,7 @@ class TrainSettings:
     vae_pseudo_fraction: float | None
     vae_pseudo_after: float
     vae_pseudo_particles: int
+    vae_pseudo_prior: bool
 
     def __post_init__(self):
         if self.recipe not in RECIPES:

@@ -36,8 +36,13 @@ eigenvalues fix the *ratios* of the modes' spreads (soft modes move more) and ce
 prior on the reference, with no label. The absolute scale — temperature over the ENM's
 arbitrary spring constant γ — is not known, so ``c`` is one parameter learned with the
 network by maximising the evidence lower bound (empirical Bayes), started at the value that
-gives the prior an RMS deformation of ``network.vae_prior_rmsd`` Å. ``hemnma``: the mean and
-standard deviation of HEMNMA's amplitudes on set 1 (fixed; needs the labels).
+gives the prior an RMS deformation of ``network.vae_prior_rmsd`` Å. With self-training
+(below) the thermal prior is where training starts: once an epoch has pseudo-labels
+(``network.vae_pseudo_prior``), the prior's mean and per-mode spread become theirs — fits of the
+particles themselves, so a specimen whose conformations lie away from the reference is not
+pulled back to it — and the pose steps render amplitudes drawn from them
+(:meth:`.vae_task.VAETask.pseudo_prior`). ``hemnma``: the mean and standard deviation of
+HEMNMA's amplitudes on set 1 (fixed; needs the labels).
 
 Training (:class:`.vae_task.VAETask`, run by :func:`.loop.fit` on any engine, with exact resume)
 --------------------------------------------------------------------------------------
@@ -47,8 +52,8 @@ Pose and conformation are kept apart the HetACUMN way: the optimiser steps alter
   uniform orientations and exact labels: the grid network's losses (soft-target
   cross-entropy over the grid, smooth L1 on shifts and standardised amplitudes) and the
   Gaussian likelihood of the true amplitudes under the posterior head (so that σ is
-  calibrated on simulations too). The rendered amplitudes come from the prior (``scratch``)
-  or from HEMNMA's labels (``regressor``: a kernel density estimate, as the grid network's);
+  calibrated on simulations too). The rendered amplitudes come from the prior (``scratch``;
+  from the pseudo-labels once there are some) or from HEMNMA's labels (``regressor``: a kernel density estimate, as the grid network's);
   origins uniform in ± ``vae_shift_range`` (scratch) or from the labels; noise with the
   calibrated spectrum; the data's own CTF rows; the same background normalisation;
 * **reconstruction steps** on real particles: the negative ELBO above. The pose enters the

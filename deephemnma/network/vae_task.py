@@ -75,6 +75,8 @@ PSEUDO_ITERATIONS = 8
 #: On clean toy particles right fits are at 0.998 and wrong ones up to 0.96: the σ bar decides.
 PSEUDO_GATE = 0.7
 PSEUDO_Z = 3.0
+#: pseudo-labels (over all ranks) needed before the prior follows them (``vae_pseudo_prior``)
+PSEUDO_PRIOR_MIN = 32
 
 
 def soft_background_mask(d: int, radius: float, edge: float = 3.0) -> np.ndarray:
@@ -280,6 +282,7 @@ class VAETask(Task):
         self.self_calibrate = not self.labelled
         self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (rows of set 1, R, o, q)
         self.pseudo_stats: dict = {}
+        self.pseudo_render: ParameterPrior | None = None  # rendered amplitudes from the pseudo-labels
         if s.vae_pseudo_fraction > 0 and self.labelled:
             raise ConfigError("network.vae_pseudo_fraction is for vae_init scratch: with the regressor's start the pose "
                               "steps already see set 1 with HEMNMA's labels")
@@ -414,6 +417,8 @@ class VAETask(Task):
         rows = np.sort(rows[eng.rank::eng.world_size])
         if not len(rows):
             self.pseudo = None
+            if s.vae_pseudo_prior:
+                self.pseudo_prior()  # the other ranks' pseudo-labels (a collective call)
             return
         images = self.train_set.images.read(rows)
         hyp = self.pose_hypotheses(images)
@@ -474,6 +479,45 @@ class VAETask(Task):
                  f"; vs HEMNMA (reported only): kept {stats['pseudo_angle_vs_hemnma_deg']:.1f}°, rejected "
                  f"{stats['pseudo_angle_rejected_vs_hemnma_deg']:.1f}°, the encoder's "
                  f"{stats['encoder_angle_vs_hemnma_deg']:.1f}°, kept RMSD {stats['pseudo_rmsd_vs_hemnma_A']:.2f} Å")
+        if s.vae_pseudo_prior:
+            self.pseudo_prior()
+
+    @torch.no_grad()
+    def pseudo_prior(self) -> None:
+        """The prior and the rendered amplitudes from this epoch's pseudo-labels (empirical Bayes;
+        ``network.vae_pseudo_prior``). The thermal prior is centred on the reference with the
+        ENM's ratios of spreads: a specimen whose conformations all lie away from the reference
+        (the bench's: mode 7 at −100 ± 58, mode 8 at +127 ± 61, mode 9 at 0 ± 142 against the
+        prior's 0 ± 203 / 133 / 92) has its posterior means pulled toward it by the KL, and the
+        pose steps render conformations it does not have. The pseudo-labels are fits of the
+        particles themselves (maximum likelihood, no prior), so once at least
+        :data:`PSEUDO_PRIOR_MIN` exist (over all ranks) the prior's mean and per-mode standard
+        deviation become theirs (the learnt scale is kept: the shape absorbs the rest), and the
+        pose steps render amplitudes resampled from them with ``render_bandwidth`` jitter
+        (``render_prior`` kde) or from their Gaussian, as HEMNMA's labels are with the
+        regressor's start. Computed from the epoch's pseudo-labels alone: a resumed run gets
+        the same prior."""
+        vae, M = self.model, self.elastic.n_modes
+        q = np.zeros((0, M)) if self.pseudo is None else np.asarray(self.pseudo["amplitudes"], np.float64)
+        tot = np.asarray(self.engine.all_sum(np.concatenate([[len(q)], q.sum(0), (q ** 2).sum(0)])), np.float64)
+        n = tot[0]
+        self.pseudo_render = None
+        if n < PSEUDO_PRIOR_MIN:
+            return
+        mean = tot[1:1 + M] / n
+        std = np.sqrt(np.maximum(tot[1 + M:] / n - mean ** 2, 0.0))
+        std = np.maximum(std, 1e-3 * max(float(std.max()), 1e-6))
+        scale = float(torch.exp(vae.prior_log_scale.detach()))
+        vae.prior_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        vae.prior_shape.copy_(torch.as_tensor(std / scale, dtype=torch.float32))
+        if len(q):
+            self.pseudo_render = ParameterPrior(q, np.asarray(self.pseudo["origins"], np.float64), kind=self.s.render_prior,
+                                                bandwidth=self.s.render_bandwidth, shift_kind="uniform",
+                                                shift_range=self.shift_range)
+        self.pseudo_stats.update({f"prior_mean_{m}": float(v) for m, v in zip(self.elastic.mode_numbers, mean)})
+        self.pseudo_stats.update({f"prior_std_{m}": float(v) for m, v in zip(self.elastic.mode_numbers, std)})
+        log.info("prior from %d pseudo-labels: %s", int(n), ", ".join(
+            f"mode {m} {a:+.3g} ± {b:.3g}" for m, a, b in zip(self.elastic.mode_numbers, mean, std)))
 
     @torch.no_grad()
     def recalibrate(self) -> None:
@@ -512,6 +556,8 @@ class VAETask(Task):
         R = random_rotations(n, g, dev)
         if self.labelled:
             q, o = self.label_prior.sample(n, g, dev)
+        elif self.pseudo_render is not None:
+            q, o = self.pseudo_render.sample(n, g, dev)
         else:
             q = self.model.prior_mean + torch.randn(n, M, generator=g, device=dev) * self.model.prior_std().detach()
             o = (torch.rand(n, 2, generator=g, device=dev) * 2 - 1) * self.shift_range
