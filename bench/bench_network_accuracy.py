@@ -106,10 +106,12 @@ def dh(*args, cwd=None) -> float:
 
 
 def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
-                  name: str = "network_alone", models: Path | None = None) -> tuple[Path, float]:
-    """A checkpoint's answers for every set-2 chunk of ``res`` without refinement (one thread).
-    ``models``: the results folder whose network and modes answer (default ``res``; another
-    folder's particles can be answered by this bench's models)."""
+                  name: str = "network_alone", models: Path | None = None, refine: str = "none") -> tuple[Path, float]:
+    """A checkpoint's answers for every set-2 chunk of ``res`` without refinement (one thread),
+    or with ``refine`` (``network.refine``: ``local``, HEMNMA's continuous refinement from the
+    network's hypotheses, no global search and no fallback). ``models``: the results folder whose
+    network and modes answer (default ``res``; another folder's particles can be answered by
+    this bench's models). Returns the merged STAR and the CPU seconds."""
     models = models or res
     out = res / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def network_alone(res: Path, chunks: list[str], checkpoint: Path | None = None,
         if not star.exists():
             cpu_record(out / f"{c}.cpu.json", dh(
                 "predict", "--checkpoint", checkpoint or models / "network/best.pt", "--modes", models / "nma/modes.npz",
-                "--particles", res / f"preprocess/set2/{c}.star", "--out", star, "--set", "network.refine=none",
+                "--particles", res / f"preprocess/set2/{c}.star", "--out", star, "--set", f"network.refine={refine}",
                 "--set", "data.invert_contrast=false", "--threads", 1))
         seconds += cpu_record(out / f"{c}.cpu.json")
     merged = out / "predicted.star"
