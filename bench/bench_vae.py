@@ -90,7 +90,9 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
 
 
 def posterior_vs_error(res: Path, star: Path) -> dict:
-    """Mean posterior std of each amplitude next to the RMS of its actual error on set 2."""
+    """Per amplitude on set 2: the mean posterior std next to the RMS of its actual error, and
+    how the answers follow the truth — correlation ``r`` and ``slope`` of answer on truth (1 when
+    unshrunk; a posterior mean pulled toward a prior's centre has a slope below 1)."""
     import numpy as np
 
     sys.path.insert(0, str(REPO))
@@ -103,9 +105,10 @@ def posterior_vs_error(res: Path, star: Path) -> dict:
     for c in amplitude_columns(pred):
         sc = c.replace("dhnmaAmplitude", "dhnmaAmplitudeStd")
         if sc in p.columns and c in t.columns:
-            err = p[c].to_numpy(float) - t[c].to_numpy(float)
+            a, b = p[c].to_numpy(float), t[c].to_numpy(float)
             out[c] = {"posterior_std_mean": float(p[sc].astype(float).mean()),
-                      "actual_error_rms": float(np.sqrt(np.mean(err ** 2)))}
+                      "actual_error_rms": float(np.sqrt(np.mean((a - b) ** 2))),
+                      "r": float(np.corrcoef(a, b)[0, 1]), "slope": float(np.polyfit(b, a, 1)[0])}
     return out
 
 
