@@ -80,13 +80,17 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
     per_epoch = min(100, steps)
     sets = {"network.model": "vae", "network.epochs": max(1, steps // per_epoch), "network.steps_per_epoch": per_epoch,
             "network.vae_data": "all", "network.vae_particles": [str(res / "preprocess/set2.star")], **overrides}
+    resumed = (out / "last.pt").exists()
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "deephemnma"] if ranks > 1 else [sys.executable, "-m", "deephemnma"])
     cmd = [*launch, "train", "--particles", particles or res / "filter/kept.star", "--modes", res / "nma/modes.npz",
            "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1, "--resume", "auto"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
-    return best, cpu_record(cpu_file, sh(cmd)) / 3600
+    seconds = sh(cmd)
+    if resumed:  # a killed training resumed: this process saw only its last epochs; the history has them all
+        seconds = max(seconds, json.loads((out / "summary.json").read_text()).get("cpu_seconds", 0.0))
+    return best, cpu_record(cpu_file, seconds) / 3600
 
 
 def posterior_vs_error(res: Path, star: Path) -> dict:

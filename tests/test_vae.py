@@ -368,6 +368,12 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
     assert rows[0].get("pseudo_fitted") == "" and all(r["pseudo_fitted"] == "72" for r in rows[1:])  # all 72 of set 1
     assert all(int(r["pseudo_labels"]) > 0 for r in rows[1:])
+    # the training's CPU time counts every epoch, those before the kill too (summary.json)
+    resumed = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
+    cpu = [float(r["cpu_seconds"]) for r in resumed]
+    assert len(cpu) == 3 and min(cpu) > 0
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["cpu_seconds"] == pytest.approx(sum(cpu))
 
 
 def test_scratch_vae_trains_on_particles_without_any_label(tmp_path):

@@ -273,6 +273,7 @@ class Trainer:
         spe = task.steps_per_epoch
         self.schedule = Schedule(s.schedule, s.epochs * spe, int(round(s.warmup_epochs * spe)), spe, s.step_epochs,
                                  s.step_gamma, s.min_lr_ratio)
+        self.cpu0 = time.process_time()  # reset at each epoch's start
         self.writer = None
         if engine.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -285,6 +286,7 @@ class Trainer:
     def epoch(self, epoch: int) -> dict:
         """Train one epoch; its row of metrics (training part)."""
         task, s, engine = self.task, self.s, self.engine
+        self.cpu0 = time.process_time()
         task.set_epoch(epoch)
         task.model.train()
         t0 = time.perf_counter()
@@ -330,6 +332,9 @@ class Trainer:
         """Validation, early-stopping bookkeeping and checkpoints of a finished epoch; whether it improved."""
         task, s, engine, p = self.task, self.s, self.engine, self.progress
         row.update(engine.broadcast_object(task.validate(task.model, engine)))  # every rank decides alike
+        # the epoch's CPU seconds, all ranks (their own processes, not data-loading workers): kept in
+        # the history, so the training's total survives a kill and resume (summary.json: cpu_seconds)
+        row["cpu_seconds"] = float(engine.all_sum(np.array([time.process_time() - self.cpu0]))[0])
         score = row.get("val_loss", row["train_loss"])
         improved = score < p.best["score"] - s.min_delta
         if improved:

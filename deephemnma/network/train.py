@@ -3,7 +3,8 @@
 ``train(particles, out_dir, settings, modes=...)`` trains on image set 1 (STAR file(s) with
 HEMNMA labels) and writes into ``out_dir`` ``last.pt``, ``best.pt``, ``metrics.csv``,
 ``tensorboard/``, ``curves.png`` (:mod:`.loop`) and ``summary.json``: the final figures,
-with the errors on held-out test particles next to predicting the mean and chance.
+with the errors on held-out test particles next to predicting the mean and chance, and the
+training's CPU seconds (``cpu_seconds``: every epoch's, all ranks, across resumes).
 
 The recipe chooses the formulation (``network.recipe``; any key set explicitly wins over
 the recipe):
@@ -288,6 +289,7 @@ def train(particles: str | Path | Sequence[str | Path], out_dir: str | Path, set
                    "epochs_done": h[-1]["epoch"], "best": next((r for r in h if r["epoch"] == progress.best["epoch"]),
                                                                h[-1]),
                    "last": h[-1], "data": task.data_info, "engine": engine.name, "world_size": engine.world_size,
+                   "cpu_seconds": float(sum(r.get("cpu_seconds", 0.0) for r in h)),
                    **task.finish(task.model, engine, out)}
         atomic_write_json(out / "summary.json", summary)
         if "test" in summary:
