@@ -321,14 +321,14 @@ def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path)
     few.pseudo_prior()
     assert float(few.model.prior_mean[0]) == 0.0 and float(few.model.prior_std().detach()[0]) == pytest.approx(thermal)
     assert abs(float(few.render(1, 0, 400)["amplitudes"].mean())) < 0.3 * thermal
-    # through relabel (hypotheses at the truth: most fits kept), with the setting on and off
+    # at an epoch's start (relabel with hypotheses at the truth: most fits kept), with the setting on and off
     R_true = truth["rotations"]
     for on in (True, False):
         task = task_with(q, vae_pseudo_fraction=0.5, vae_pseudo_prior=on)
         o = task.train_set.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
         task.pose_hypotheses = lambda images, batch=256: {"rotations": R_true[:, None], "origins": o,
                                                           "amplitudes": np.zeros((len(R_true), 1))}
-        task.relabel(1)
+        task.set_epoch(1)
         kept = task.pseudo["amplitudes"][:, 0]
         assert len(kept) >= PSEUDO_PRIOR_MIN and abs(kept.std() - thermal) > 0.2 * thermal  # the toy's spread is not the prior's
         prior_mean, prior_std = float(task.model.prior_mean[0]), float(task.model.prior_std().detach()[0])

@@ -370,6 +370,8 @@ class VAETask(Task):
         if self.s.vae_pseudo_fraction > 0 and epoch > 0 and \
                 epoch * self.steps_per_epoch >= self.s.vae_pseudo_after * self.total_steps:
             self.relabel(epoch)
+            if self.s.vae_pseudo_prior:
+                self.pseudo_prior()  # every rank, also one without pseudo-labels: a collective sum
 
     @torch.no_grad()
     def pose_hypotheses(self, images: np.ndarray, batch: int = 256) -> dict:
@@ -417,8 +419,6 @@ class VAETask(Task):
         rows = np.sort(rows[eng.rank::eng.world_size])
         if not len(rows):
             self.pseudo = None
-            if s.vae_pseudo_prior:
-                self.pseudo_prior()  # the other ranks' pseudo-labels (a collective call)
             return
         images = self.train_set.images.read(rows)
         hyp = self.pose_hypotheses(images)
@@ -479,8 +479,6 @@ class VAETask(Task):
                  f"; vs HEMNMA (reported only): kept {stats['pseudo_angle_vs_hemnma_deg']:.1f}°, rejected "
                  f"{stats['pseudo_angle_rejected_vs_hemnma_deg']:.1f}°, the encoder's "
                  f"{stats['encoder_angle_vs_hemnma_deg']:.1f}°, kept RMSD {stats['pseudo_rmsd_vs_hemnma_A']:.2f} Å")
-        if s.vae_pseudo_prior:
-            self.pseudo_prior()
 
     @torch.no_grad()
     def pseudo_prior(self) -> None:
