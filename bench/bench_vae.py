@@ -40,7 +40,10 @@ fitted modes next to the main case's, and the posterior's width next to its actu
         --scratch-set network.vae_pretrain=0.7 --scratch-set network.vae_pseudo_fraction=0.5 \
         --scratch-set network.vae_pseudo_after=0.2 --scratch-set network.vae_pseudo_particles=1024   # self-training
 
-Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` variant: vae_scratch_<tag>.json).
+    python bench/bench_vae.py --only regressor --init-set network.lr=1e-4   # a variant of the other
+
+Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` / ``--init-set`` variant:
+vae_scratch_<tag>.json / vae_regressor_<tag>.json; ``--only`` with a VAE's defaults: vae_<only>.json).
 Resumable: a finished training or prediction is not redone.
 """
 from __future__ import annotations
@@ -228,14 +231,39 @@ def diagnose(res: Path) -> dict:
     return out
 
 
-def scratch_folder(sets: dict) -> str:
-    """The scratch VAE's name: ``scratch``, or ``scratch_<tag>`` for a variant with settings ``sets``
-    (a tag of the sorted settings, so a variant never reuses another's training)."""
+def variant_folder(base: str, sets: dict) -> str:
+    """A VAE's name: ``base`` (``scratch``, ``regressor``), or ``<base>_<tag>`` for a variant with
+    settings ``sets`` (a tag of the sorted settings, so a variant never reuses another's training)."""
     if not sets:
-        return "scratch"
+        return base
     import hashlib
 
-    return "scratch_" + hashlib.sha1(json.dumps(sorted(sets.items())).encode()).hexdigest()[:8]
+    return f"{base}_" + hashlib.sha1(json.dumps(sorted(sets.items())).encode()).hexdigest()[:8]
+
+
+def scratch_folder(sets: dict) -> str:
+    """The scratch VAE's name (:func:`variant_folder`)."""
+    return variant_folder("scratch", sets)
+
+
+def result_name(gpu: bool, only: str | None, scratch: str, init: str) -> str:
+    """The JSON's name: ``vae`` (``vae_gpu``) for the defaults of both VAEs, else with the run
+    VAEs' variant tags (``vae_scratch_<tag>``, ``vae_regressor_<tag>``) or ``_<only>`` — vae.json
+    stays the record of both defaults."""
+    run = [n for n in (scratch, init) if not only or n.startswith(only)]
+    tags = [n for n in run if n not in ("scratch", "regressor")]
+    return ("vae_gpu" if gpu else "vae") + "".join(f"_{t}" for t in tags or ([only] if only else []))
+
+
+def regressor_cpu_hours(res: Path, prev: dict) -> float | None:
+    """The regressor's training CPU-hours: the work folder's Snakemake benchmark of its training
+    (all ranks), else the network-accuracy bench's last record."""
+    tsv = res / "benchmarks/train.tsv"
+    if tsv.exists():
+        from bench_network_accuracy import cpu_seconds
+
+        return cpu_seconds(tsv) / 3600
+    return prev.get("figures", {}).get("training_cpu_hours")
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -273,6 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                     help="a setting of the scratch VAE (repeatable, e.g. network.vae_prior_rmsd=6): the variant "
                          "trains in its own folder, vae_scratch_<tag>, and the JSON names its settings")
+    ap.add_argument("--init-set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                    help="a setting of the VAE initialised from the regressor (repeatable, e.g. network.lr=1e-4): "
+                         "the variant trains in its own folder, vae_regressor_<tag>")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
     ap.add_argument("--diagnose", action="store_true",
                     help="only the pose-pretraining diagnostics (1,200 pose steps per variant; vae_diagnostics.json)")
@@ -287,12 +318,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     scratch_sets = dict(args.scratch_set)
     scratch = scratch_folder({**scratch_sets, **({"steps": str(args.scratch_steps)} if args.scratch_steps else {})})
+    init_sets = dict(args.init_set)
+    init = variant_folder("regressor", init_sets)
     # the scratch VAE sees no HEMNMA output at all: set 1 as preprocessed, before HEMNMA's outlier filter
     variants = {
         scratch: ({"network.vae_init": "scratch", **scratch_sets}, args.scratch_cpu_hours, res / "preprocess/set1.star"),
-        "regressor": ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt"),
-                       "network.vae_prior": "hemnma"},
-                      args.init_cpu_hours, res / "network/best.pt"),
+        init: ({"network.vae_init": "regressor", "network.vae_init_checkpoint": str(res / "network/best.pt"),
+                "network.vae_prior": "hemnma", **init_sets},
+               args.init_cpu_hours, res / "network/best.pt"),
     }
     need = [res / "bench/network_alone/predicted.star", res / "bench/hemnma_set2/hemnma.star"]
     for name, (over, hours, needs) in variants.items():
@@ -305,10 +338,12 @@ def main(argv=None) -> int:
                   particles=needs if name == scratch else None)
     if args.train_only:
         return 0
-    for p in need:  # --only scratch: the other methods' rows when they exist
-        if not p.exists() and args.only != "scratch":
+    for p in need:  # --only: the other methods' rows when they exist
+        if not p.exists() and not args.only:
             return missing(p, args.work)
     chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
+    if args.only == "regressor" and not need[0].exists():  # the regressor's own row, beside its VAE
+        network_alone(res, chunks)
     prev = json.loads((HERE / "results/network_accuracy.json").read_text()) if (
         HERE / "results/network_accuracy.json").exists() else {}
     figures: dict = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0}
@@ -316,10 +351,10 @@ def main(argv=None) -> int:
         figures["hemnma"] = evaluate(res, need[1], "hemnma")
     if need[0].exists():
         figures["regressor_alone"] = {**evaluate(res, need[0], "alone"),
-                                      "training_cpu_hours": prev.get("figures", {}).get("training_cpu_hours")}
+                                      "training_cpu_hours": regressor_cpu_hours(res, prev)}
     for name in variants:
         out = res / "bench" / f"vae_{name}"
-        if not (out / "best.pt").exists():
+        if args.only and not name.startswith(args.only) or not (out / "best.pt").exists():
             continue
         cpu_h = cpu_record(out / "cpu_seconds.json") / 3600
         star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"vae_{name}_alone")
@@ -334,9 +369,7 @@ def main(argv=None) -> int:
         figures["misfit"] = misfit_case(args, res, [f"vae_{n}" for n in variants
                                                     if (res / "bench" / f"vae_{n}" / "best.pt").exists()])
     figures["wall_seconds"] = time.perf_counter() - t0
-    # a variant of the scratch VAE writes its own file (vae.json stays the defaults' record)
-    name = ("vae_gpu" if args.gpu else "vae") + (f"_{scratch}" if scratch != "scratch" else "")
-    write_result(name, figures, notes="image set 2 of the network-accuracy bench is the test; "
+    write_result(result_name(args.gpu, args.only, scratch, init), figures, notes="image set 2 of the network-accuracy bench is the test; "
                                        "errors against the simulation's ground truth; encoders alone, and "
                                        "refined_local: + HEMNMA's continuous refinement from their hypotheses")
     print(json.dumps({k: {m: v for m, v in f.items() if m in ("angle_deg", "shift_A_per_axis", "rmsd_A",
