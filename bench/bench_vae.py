@@ -241,16 +241,10 @@ def variant_folder(base: str, sets: dict) -> str:
     return f"{base}_" + hashlib.sha1(json.dumps(sorted(sets.items())).encode()).hexdigest()[:8]
 
 
-def scratch_folder(sets: dict) -> str:
-    """The scratch VAE's name (:func:`variant_folder`)."""
-    return variant_folder("scratch", sets)
-
-
-def result_name(gpu: bool, only: str | None, scratch: str, init: str) -> str:
+def result_name(gpu: bool, only: str | None, run: list[str]) -> str:
     """The JSON's name: ``vae`` (``vae_gpu``) for the defaults of both VAEs, else with the run
     VAEs' variant tags (``vae_scratch_<tag>``, ``vae_regressor_<tag>``) or ``_<only>`` — vae.json
     stays the record of both defaults."""
-    run = [n for n in (scratch, init) if not only or n.startswith(only)]
     tags = [n for n in run if n not in ("scratch", "regressor")]
     return ("vae_gpu" if gpu else "vae") + "".join(f"_{t}" for t in tags or ([only] if only else []))
 
@@ -317,7 +311,7 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     scratch_sets = dict(args.scratch_set)
-    scratch = scratch_folder({**scratch_sets, **({"steps": str(args.scratch_steps)} if args.scratch_steps else {})})
+    scratch = variant_folder("scratch", {**scratch_sets, **({"steps": str(args.scratch_steps)} if args.scratch_steps else {})})
     init_sets = dict(args.init_set)
     init = variant_folder("regressor", init_sets)
     # the scratch VAE sees no HEMNMA output at all: set 1 as preprocessed, before HEMNMA's outlier filter
@@ -327,10 +321,10 @@ def main(argv=None) -> int:
                 "network.vae_prior": "hemnma", **init_sets},
                args.init_cpu_hours, res / "network/best.pt"),
     }
+    run = [n for n in variants if not args.only or n.startswith(args.only)]
     need = [res / "bench/network_alone/predicted.star", res / "bench/hemnma_set2/hemnma.star"]
-    for name, (over, hours, needs) in variants.items():
-        if args.only and not name.startswith(args.only):
-            continue
+    for name in run:
+        over, hours, needs = variants[name]
         if not needs.exists():
             return missing(needs, args.work)
         steps = 20000 if args.gpu else args.scratch_steps if name == scratch else None
@@ -352,9 +346,9 @@ def main(argv=None) -> int:
     if need[0].exists():
         figures["regressor_alone"] = {**evaluate(res, need[0], "alone"),
                                       "training_cpu_hours": regressor_cpu_hours(res, prev)}
-    for name in variants:
+    for name in run:
         out = res / "bench" / f"vae_{name}"
-        if args.only and not name.startswith(args.only) or not (out / "best.pt").exists():
+        if not (out / "best.pt").exists():
             continue
         cpu_h = cpu_record(out / "cpu_seconds.json") / 3600
         star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"vae_{name}_alone")
@@ -366,12 +360,13 @@ def main(argv=None) -> int:
                                   "posterior_vs_error": posterior_vs_error(res, star),
                                   "summary": json.loads((out / "summary.json").read_text())}
     if args.misfit_n > 0 and (res / "network/best.pt").exists():
-        figures["misfit"] = misfit_case(args, res, [f"vae_{n}" for n in variants
+        figures["misfit"] = misfit_case(args, res, [f"vae_{n}" for n in run
                                                     if (res / "bench" / f"vae_{n}" / "best.pt").exists()])
     figures["wall_seconds"] = time.perf_counter() - t0
-    write_result(result_name(args.gpu, args.only, scratch, init), figures, notes="image set 2 of the network-accuracy bench is the test; "
-                                       "errors against the simulation's ground truth; encoders alone, and "
-                                       "refined_local: + HEMNMA's continuous refinement from their hypotheses")
+    write_result(result_name(args.gpu, args.only, run), figures,
+                 notes="image set 2 of the network-accuracy bench is the test; errors against the simulation's "
+                       "ground truth; encoders alone, and refined_local: + HEMNMA's continuous refinement from "
+                       "their hypotheses")
     print(json.dumps({k: {m: v for m, v in f.items() if m in ("angle_deg", "shift_A_per_axis", "rmsd_A",
                                                               "training_cpu_hours", "refined_local")}
                       if isinstance(f, dict) else f for k, f in figures.items() if k != "wall_seconds"}, indent=1))
