@@ -275,6 +275,71 @@ def test_pseudo_labels_keep_the_fits_that_found_the_particle(tmp_path):
     np.testing.assert_allclose(b["amplitudes"][-n_real:].numpy(), p["amplitudes"][hit], atol=1e-4)
 
 
+def test_regressor_start_fits_the_particles_hemnma_did_not_label(tmp_path):
+    """Self-training from the regressor's start (vae_init regressor, vae_pseudo_fraction > 0,
+    vae_data all): set 1 has HEMNMA's labels, so the fits are of the other particles — set 2,
+    the images the VAE then answers — and the pose steps carry both: real_fraction of set 1 with
+    HEMNMA's labels and vae_pseudo_fraction of set 2 with its fits. Hypotheses 8° off the truth of
+    set 2: the fits kept must be set-2 rows, closer to set 2's truth than they started; the
+    prior stays HEMNMA's. A relabel that fitted set 1 again (or read set 1's images under set
+    2's rows), or pose steps that dropped either source, fails; so does the setting without
+    vae_data all (nothing to fit), with a one-line error."""
+    from deephemnma.core.errors import ConfigError
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.train import TrainSettings, make_task
+
+    model = toy_model()
+    set1, truth1 = write_toy_dataset(tmp_path, model, n=80, box=16, px=4.0, seed=5, snr_noise_power=0.02, name="set1")
+    set2, truth2 = write_toy_dataset(tmp_path, model, n=60, box=16, px=4.0, seed=6, snr_noise_power=0.02, name="set2")
+    modes = write_modes(tmp_path / "modes.npz", model)
+    net = {"model": "vae", "vae_init": "regressor", "vae_prior": "hemnma", "vae_data": "all",
+           "vae_particles": [str(set2)], "vae_pseudo_fraction": 0.25, "real_fraction": 0.25, "real_after": 0.0,
+           "refine_hypotheses": 1, "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16],
+           "grid_directions": 12, "grid_inplane": 4, "epochs": 2, "steps_per_epoch": 2, "batch_size": 32,
+           "engine": "single", "device": "cpu", "val_fraction": 0.0, "test_fraction": 0.0, "vae_shift_range": 4.0}
+    s = TrainSettings.from_config({"network": net})
+    task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
+    n1, n2 = len(task.train_set), len(task.extra)
+    assert (n1, n2, task.n_pool) == (80, 60, 140)
+    prior = (task.model.prior_mean.clone(), task.model.prior_std().detach().clone())
+    g = np.random.default_rng(1)
+    axis = g.normal(size=(n2, 3))
+    axis *= math.radians(8.0) / np.linalg.norm(axis, axis=1, keepdims=True)
+    R_start = truth2["rotations"] @ axis_angle_matrix(torch.as_tensor(axis)).numpy()
+    o2 = task.extra.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)  # set 2's STAR columns
+
+    def hypotheses(images, batch=256):
+        assert len(images) == n2
+        np.testing.assert_allclose(images, task.extra.images.read(np.arange(n2)))  # set 2's own images
+        return {"rotations": R_start[:, None], "origins": o2, "amplitudes": np.zeros((n2, 1))}
+
+    task.pose_hypotheses = hypotheses
+    task.set_epoch(1)
+    p = task.pseudo
+    kept = p["rows"] - n1
+    assert p["rows"].min() >= n1 and len(kept) >= 0.8 * n2
+    err_fit = angular_error(p["rotations"], truth2["rotations"][kept])
+    assert np.median(err_fit) < 0.5 * 8.0
+    assert np.abs(p["amplitudes"][:, 0] - truth2["amplitudes"][kept, 0]).mean() < 0.5 * np.abs(truth2["amplitudes"]).mean()
+    assert torch.equal(task.model.prior_mean, prior[0]) and torch.equal(task.model.prior_std().detach(), prior[1])
+    # the pose step: rendered, then 8 of set 1 with HEMNMA's labels, then 8 of set 2 with their fits
+    b = task.pose_batch(1, 0, 0)
+    k = int(round(s.batch_size * 0.25))
+    img1, img2 = task.train_set.images.read(np.arange(n1)), task.extra.images.read(np.arange(n2))
+
+    def rows_of(imgs, stack):
+        return [int(np.flatnonzero(np.all(np.isclose(stack, x), axis=(1, 2)))[0]) for x in imgs]
+
+    h1 = rows_of(b["image"][-2 * k:-k, 0].numpy(), img1)
+    np.testing.assert_allclose(b["amplitudes"][-2 * k:-k, 0].numpy(), truth1["amplitudes"][h1, 0], atol=1e-4)
+    h2 = rows_of(b["image"][-k:, 0].numpy(), img2)
+    fit = {int(r): j for j, r in enumerate(kept)}
+    np.testing.assert_allclose(b["rotations"][-k:].numpy(), p["rotations"][[fit[r] for r in h2]], atol=1e-6)
+    with pytest.raises(ConfigError, match="vae_data all"):
+        make_task(TrainSettings.from_config({"network": {**net, "vae_data": "set1"}}), make_engine("single", "cpu"),
+                  set1, modes=modes)
+
+
 def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path):
     """network.vae_pseudo_prior: once an epoch has enough pseudo-labels, the prior on the
     amplitudes is theirs (mean, per-mode spread) and the pose steps render amplitudes drawn

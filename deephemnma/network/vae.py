@@ -72,7 +72,11 @@ the image and the noise spectrum, within 3σ of 1 and at least 0.7 — become la
 images in that fraction of each pose step's batch (a fit started outside its basin, a wrong
 view or the mirrored hand, finds no model that matches: cosine ~0.4 against ~0.9) (:meth:`.vae_task.VAETask.relabel`). The decoder is
 the teacher, the encoder the student: the amortised refinement of the reconstruction steps
-made a label with a quality gate. Set 2 is never fitted.
+made a label with a quality gate. From scratch set 2 is never fitted. From the regressor's
+start (``vae_pseudo_fraction`` > 0, ``vae_data: all``) the fits are of the particles beyond
+set 1 — set 1 has HEMNMA's labels — so the VAE refines the regressor's answers for the
+particles it then answers with the images themselves (transductive, as any VAE trained on all
+particles is).
 
 The first ``vae_pretrain`` of the steps are pose steps only (the encoder must find poses
 before the likelihood means anything; 0.7 by default for ``scratch``, with a 6 Å starting

@@ -283,9 +283,12 @@ class VAETask(Task):
         self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (rows of set 1, R, o, q)
         self.pseudo_stats: dict = {}
         self.pseudo_render: ParameterPrior | None = None  # rendered amplitudes from the pseudo-labels
-        if s.vae_pseudo_fraction > 0 and self.labelled:
-            raise ConfigError("network.vae_pseudo_fraction is for vae_init scratch: with the regressor's start the pose "
-                              "steps already see set 1 with HEMNMA's labels")
+        if s.vae_pseudo_fraction > 0 and self.labelled and self.extra is None:
+            raise ConfigError("network.vae_pseudo_fraction with vae_init regressor fits the particles beyond set 1 (set 1 "
+                              "has HEMNMA's labels): it needs network.vae_data all")
+        if self.labelled and s.real_fraction + s.vae_pseudo_fraction > 1:
+            raise ConfigError(f"network.real_fraction ({s.real_fraction}) + vae_pseudo_fraction ({s.vae_pseudo_fraction}) "
+                              f"exceed the pose steps' batch: their sum must be at most 1")
         log.info("VAE (%s): %d² at %.4g Å/px, prior %s (%s), calibration from %s: gain %+.3g; %d pretraining steps "
                  "of %d; reconstruction on %d particles%s", s.vae_init, train.box, train.pixel_size, s.vae_prior,
                  ", ".join(f"σ{m} {v:.3g}" for m, v in zip(model.mode_numbers,
@@ -370,7 +373,7 @@ class VAETask(Task):
         if self.s.vae_pseudo_fraction > 0 and epoch > 0 and \
                 epoch * self.steps_per_epoch >= self.s.vae_pseudo_after * self.total_steps:
             self.relabel(epoch)
-            if self.s.vae_pseudo_prior:
+            if self.s.vae_pseudo_prior and not self.labelled:  # the regressor's start keeps HEMNMA's prior
                 self.pseudo_prior()  # every rank, also one without pseudo-labels: a collective sum
 
     @torch.no_grad()
@@ -402,7 +405,9 @@ class VAETask(Task):
     def relabel(self, epoch: int) -> None:
         """Pseudo-labels of this epoch (self-training; no label of any kind is read).
 
-        ``vae_pseudo_particles`` set-1 particles (a seeded draw per epoch, each rank its share)
+        ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) — of
+        set 1 from scratch; from the regressor's start, of the particles beyond set 1
+        (``vae_data: all``), set 1 having HEMNMA's labels —
         are answered by the encoder, then fitted through the decoder from each of its pose
         hypotheses (:meth:`pose_hypotheses`) — :func:`.vae.gauss_newton_fit`,
         :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box (the
@@ -410,17 +415,21 @@ class VAETask(Task):
         image explains the particle's signal (:data:`PSEUDO_GATE`) become
         labelled real images of the pose steps. Rendered particles teach the encoder poses on
         the renderer's images; these teach it on the data's own (other atoms, other noise, the
-        microscope's real transfer), which is what the regressor's HEMNMA labels give it. Only set
-        1 is fitted: the particles the VAE is tested on (set 2) reach it through the likelihood
-        alone. A function of the weights at the start of the epoch: a resumed run recomputes it."""
+        microscope's real transfer), which is what the regressor's HEMNMA labels give it. From
+        scratch only set 1 is fitted: set 2 reaches the VAE through the likelihood alone. From the
+        regressor's start the fits are of the particles HEMNMA did not label — the VAE refining
+        the regressor's answers with the images themselves (transductive: these are the
+        particles it then answers, as a VAE trained on all particles does). A function of the
+        weights at the start of the epoch: a resumed run recomputes it."""
         s, eng, vae, dev = self.s, self.engine, self.model, self.device
-        n = len(self.train_set)
-        rows = np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
+        lo, hi = (len(self.train_set), self.n_pool) if self.labelled else (0, len(self.train_set))
+        n = hi - lo                                    # pool rows lo..hi-1 (set 1 heads the pool)
+        rows = lo + np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
         rows = np.sort(rows[eng.rank::eng.world_size])
         if not len(rows):
             self.pseudo = None
             return
-        images = self.train_set.images.read(rows)
+        images = self.pool.read(rows)
         hyp = self.pose_hypotheses(images)
         H = hyp["rotations"].shape[1]
         fits, score, second, cosine, bar = [], [], [], [], []
@@ -430,7 +439,7 @@ class VAETask(Task):
             sl = slice(a, a + 128)
             x = torch.as_tensor(images[sl], device=dev)
             b = len(x)
-            ci = torch.as_tensor(rows[sl], device=dev).repeat(H)  # set 1 heads the pool: its CTF rows are its rows
+            ci = torch.as_tensor(rows[sl], device=dev).repeat(H)  # the pool's rows are its CTF rows
             xs = x.repeat(H, 1, 1)                                  # hypothesis-major: row h·b + i
             R0 = torch.as_tensor(hyp["rotations"][sl], dtype=torch.float32, device=dev).transpose(0, 1).reshape(-1, 3, 3)
             o0, q0 = (torch.as_tensor(hyp[k][sl], dtype=torch.float32, device=dev).repeat(H, 1)
@@ -464,7 +473,7 @@ class VAETask(Task):
                  "pseudo_cosine": float(np.median(cosine)), "pseudo_bar": float(np.median(bar)),
                  "pseudo_other_hypothesis": mean(other[keep])}
         table = self.train_set.table
-        if all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
+        if not self.labelled and all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
             R, o, q = labels_of(table.iloc[rows], self.elastic)  # HEMNMA's: reported, never used
             err = angular_error(fit["rotations"], R)
             rej = np.setdiff1d(np.arange(len(rows)), keep)
@@ -568,21 +577,23 @@ class VAETask(Task):
 
     def pose_batch(self, epoch: int, step: int, key: int) -> dict:
         s = self.s
-        n_real, labels = 0, None
+        sources = []  # (how many, (pool rows, R, o, q)): HEMNMA's labels of set 1, then pseudo-labels
         if self.labelled:
             frac = (epoch * self.steps_per_epoch + step) / max(1, self.total_steps)
-            n_real = int(round(s.batch_size * s.real_fraction)) if frac >= s.real_after else 0
-            labels = (np.arange(len(self.train_set)), *self.labels)
-        elif self.pseudo is not None:
-            n_real = int(round(s.batch_size * s.vae_pseudo_fraction))
+            if frac >= s.real_after:
+                sources.append((int(round(s.batch_size * s.real_fraction)), (np.arange(len(self.train_set)), *self.labels)))
+        if self.pseudo is not None:
             p = self.pseudo
-            labels = (p["rows"], p["rotations"], p["origins"], p["amplitudes"])
-        b = self.render(epoch, key, s.batch_size - n_real)
-        if n_real:
-            g = seeded_generator(s.seed + 1, epoch, key)
+            sources.append((int(round(s.batch_size * s.vae_pseudo_fraction)),
+                            (p["rows"], p["rotations"], p["origins"], p["amplitudes"])))
+        b = self.render(epoch, key, s.batch_size - sum(k for k, _ in sources))
+        dev = self.device
+        for j, (n_real, labels) in enumerate(sources):
+            if not n_real:
+                continue
+            g = seeded_generator(s.seed + 1 + 7 * j, epoch, key)
             pick = torch.randint(len(labels[0]), (n_real,), generator=g).numpy()
             idx, R, o, q = (x[pick] for x in labels)
-            dev = self.device
             real = {"image": torch.as_tensor(self.pool.read(idx), device=dev)[:, None],
                     "rotations": torch.as_tensor(R, dtype=torch.float32, device=dev),
                     "origins": torch.as_tensor(o, dtype=torch.float32, device=dev),
