@@ -338,6 +338,29 @@ def test_regressor_start_fits_the_particles_hemnma_did_not_label(tmp_path):
     with pytest.raises(ConfigError, match="vae_data all"):
         make_task(TrainSettings.from_config({"network": {**net, "vae_data": "set1"}}), make_engine("single", "cpu"),
                   set1, modes=modes)
+    with pytest.raises(ConfigError, match="set 1 has HEMNMA's labels"):
+        make_task(TrainSettings.from_config({"network": {**net, "vae_pseudo_data": "all"}}), make_engine("single", "cpu"),
+                  set1, modes=modes)
+    # from scratch, vae_pseudo_data all: both sets fitted, each from its own images; the report
+    # against HEMNMA's labels (here the truth) counts set 1's fits only
+    s = TrainSettings.from_config({"network": {**net, "vae_init": "scratch", "vae_prior": "thermal", "vae_prior_rmsd": 2.0,
+                                               "vae_pseudo_data": "all", "vae_pseudo_particles": 140}})
+    task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
+    o1 = task.train_set.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    R_all = np.concatenate([truth1["rotations"], R_start])
+    o_all = np.concatenate([o1, o2])
+
+    def both(images, batch=256):
+        assert len(images) == n1 + n2
+        np.testing.assert_allclose(images[n1:], task.extra.images.read(np.arange(n2)))
+        return {"rotations": R_all[:, None], "origins": o_all, "amplitudes": np.zeros((n1 + n2, 1))}
+
+    task.pose_hypotheses = both
+    task.relabel(1)
+    rows = task.pseudo["rows"]
+    assert (rows < n1).sum() >= 0.8 * n1 and (rows >= n1).sum() >= 0.8 * n2
+    assert task.pseudo_stats["pseudo_angle_vs_hemnma_deg"] < 3.0  # set 1 started at its truth
+    assert task.pseudo_stats["encoder_angle_vs_hemnma_deg"] < 0.05  # its hypotheses: set 1's truth, not set 2's
 
 
 def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path):

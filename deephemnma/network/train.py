@@ -133,6 +133,7 @@ class TrainSettings:
     vae_pseudo_fraction: float | None
     vae_pseudo_after: float
     vae_pseudo_particles: int
+    vae_pseudo_data: str | None
     vae_pseudo_prior: bool
 
     def __post_init__(self):
@@ -145,6 +146,8 @@ class TrainSettings:
         self.hidden = list(self.hidden)
         if self.vae_pseudo_fraction is None:  # self-training where no label exists
             self.vae_pseudo_fraction = 0.5 if self.vae_init == "scratch" else 0.0
+        if self.vae_pseudo_data is None:  # the particles self-training fits: those without HEMNMA's labels
+            self.vae_pseudo_data = "set1" if self.vae_init == "scratch" else "others"
         # without labels the encoder must find poses alone: a longer pose pretraining and a wider
         # starting prior (bench/README.md: 43.6° with 2 Å and 30 %, 17° with 6 Å and 70 %)
         if self.vae_pretrain is None:

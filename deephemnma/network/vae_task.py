@@ -283,9 +283,12 @@ class VAETask(Task):
         self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (rows of set 1, R, o, q)
         self.pseudo_stats: dict = {}
         self.pseudo_render: ParameterPrior | None = None  # rendered amplitudes from the pseudo-labels
-        if s.vae_pseudo_fraction > 0 and self.labelled and self.extra is None:
-            raise ConfigError("network.vae_pseudo_fraction with vae_init regressor fits the particles beyond set 1 (set 1 "
-                              "has HEMNMA's labels): it needs network.vae_data all")
+        if s.vae_pseudo_fraction > 0 and self.labelled and s.vae_pseudo_data != "others":
+            raise ConfigError(f"network.vae_pseudo_data {s.vae_pseudo_data} with vae_init regressor: set 1 has HEMNMA's "
+                              f"labels, self-training fits the other particles (vae_pseudo_data others)")
+        if s.vae_pseudo_fraction > 0 and s.vae_pseudo_data != "set1" and self.extra is None:
+            raise ConfigError(f"network.vae_pseudo_data {s.vae_pseudo_data} fits the particles beyond set 1: it needs "
+                              f"network.vae_data all")
         if self.labelled and s.real_fraction + s.vae_pseudo_fraction > 1:
             raise ConfigError(f"network.real_fraction ({s.real_fraction}) + vae_pseudo_fraction ({s.vae_pseudo_fraction}) "
                               f"exceed the pose steps' batch: their sum must be at most 1")
@@ -405,9 +408,9 @@ class VAETask(Task):
     def relabel(self, epoch: int) -> None:
         """Pseudo-labels of this epoch (self-training; no label of any kind is read).
 
-        ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) — of
-        set 1 from scratch; from the regressor's start, of the particles beyond set 1
-        (``vae_data: all``), set 1 having HEMNMA's labels —
+        ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) of
+        ``vae_pseudo_data``: set 1 (scratch's default), the particles beyond set 1 (``others``,
+        ``vae_data: all``; the regressor's start, set 1 having HEMNMA's labels) or both (``all``)
         are answered by the encoder, then fitted through the decoder from each of its pose
         hypotheses (:meth:`pose_hypotheses`) — :func:`.vae.gauss_newton_fit`,
         :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box (the
@@ -415,15 +418,15 @@ class VAETask(Task):
         image explains the particle's signal (:data:`PSEUDO_GATE`) become
         labelled real images of the pose steps. Rendered particles teach the encoder poses on
         the renderer's images; these teach it on the data's own (other atoms, other noise, the
-        microscope's real transfer), which is what the regressor's HEMNMA labels give it. From
-        scratch only set 1 is fitted: set 2 reaches the VAE through the likelihood alone. From the
-        regressor's start the fits are of the particles HEMNMA did not label — the VAE refining
-        the regressor's answers with the images themselves (transductive: these are the
-        particles it then answers, as a VAE trained on all particles does). A function of the
-        weights at the start of the epoch: a resumed run recomputes it."""
+        microscope's real transfer), which is what the regressor's HEMNMA labels give it. With
+        ``set1`` the particles the VAE is tested on (set 2) reach it through the likelihood alone;
+        fitting them (``others``, ``all``) refines its answers for the very particles it then
+        answers, from the images themselves (transductive, as a VAE trained on all particles is).
+        A function of the weights at the start of the epoch: a resumed run recomputes it."""
         s, eng, vae, dev = self.s, self.engine, self.model, self.device
-        lo, hi = (len(self.train_set), self.n_pool) if self.labelled else (0, len(self.train_set))
-        n = hi - lo                                    # pool rows lo..hi-1 (set 1 heads the pool)
+        n1 = len(self.train_set)                       # set 1 heads the pool: rows 0..n1-1
+        lo, hi = {"set1": (0, n1), "others": (n1, self.n_pool), "all": (0, self.n_pool)}[s.vae_pseudo_data]
+        n = hi - lo
         rows = lo + np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
         rows = np.sort(rows[eng.rank::eng.world_size])
         if not len(rows):
@@ -473,13 +476,15 @@ class VAETask(Task):
                  "pseudo_cosine": float(np.median(cosine)), "pseudo_bar": float(np.median(bar)),
                  "pseudo_other_hypothesis": mean(other[keep])}
         table = self.train_set.table
-        if not self.labelled and all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
-            R, o, q = labels_of(table.iloc[rows], self.elastic)  # HEMNMA's: reported, never used
-            err = angular_error(fit["rotations"], R)
-            rej = np.setdiff1d(np.arange(len(rows)), keep)
-            stats.update(pseudo_angle_vs_hemnma_deg=mean(err[keep]), pseudo_angle_rejected_vs_hemnma_deg=mean(err[rej]),
-                         encoder_angle_vs_hemnma_deg=float(angular_error(hyp["rotations"][:, 0], R).mean()),
-                         pseudo_rmsd_vs_hemnma_A=mean(self.elastic.rmsd_between(fit["amplitudes"][keep], q[keep])))
+        in1 = np.flatnonzero(rows < n1)                # set-1 fits: HEMNMA's labels may be in the table
+        if not self.labelled and len(in1) and \
+                all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
+            R, o, q = labels_of(table.iloc[rows[in1]], self.elastic)  # HEMNMA's: reported, never used
+            k1, r1 = np.flatnonzero(np.isin(in1, keep)), np.flatnonzero(~np.isin(in1, keep))  # of in1
+            err = angular_error(fit["rotations"][in1], R)
+            stats.update(pseudo_angle_vs_hemnma_deg=mean(err[k1]), pseudo_angle_rejected_vs_hemnma_deg=mean(err[r1]),
+                         encoder_angle_vs_hemnma_deg=float(angular_error(hyp["rotations"][in1, 0], R).mean()),
+                         pseudo_rmsd_vs_hemnma_A=mean(self.elastic.rmsd_between(fit["amplitudes"][in1][k1], q[k1])))
         self.pseudo_stats = stats
         log.info("pseudo-labels of epoch %d: %d of %d fits kept (cosine with the particle's signal: median %.2f, bar "
                  "%.2f; %.0f %% of those kept from another pose hypothesis than the encoder's answer)%s", epoch + 1,
