@@ -13,14 +13,18 @@ for the held-out image set 2 (the regressor alone, HEMNMA). This script trains t
   network-accuracy bench's particles, and reports HEMNMA and the regressor when they exist);
 - ``regressor``: the encoder starts from the regressor's checkpoint (``vae_init: regressor``,
   ``vae_init_checkpoint``) and learns from the images of both sets, under the prior of
-  HEMNMA's set-1 amplitudes (``vae_prior: hemnma``: the labels exist, so the prior uses them);
+  HEMNMA's set-1 amplitudes (``vae_prior: hemnma``: the labels exist, so the prior uses them),
+  with the defaults' self-training on set 2 (``vae_pseudo_data: others``: set 2's fits through
+  the decoder join set 1's HEMNMA labels in the pose steps — transductive: the VAE sees the
+  images it is then tested on, never their truth);
 
 then answers set 2 with each encoder alone (``deephemnma predict --set network.refine=none``)
 and with HEMNMA's continuous refinement from the encoder's hypotheses (``network.refine=local``:
 no global search, no fallback — for the scratch VAE, a pipeline without any HEMNMA label or
 search), and compares the methods with the ground truth (``deephemnma evaluate``): the paper's
 angle metric (chance ~90°), shift per axis, deformation RMSD (Å) next to predicting the mean
-conformation, with each training's CPU-hours. The posterior's width (``dhnmaAmplitudeStd*``)
+conformation, with each training's CPU-hours, and per particle each VAE's errors minus the
+regressor's (``paired_vs_regressor``: mean ± standard error, fraction of particles better). The posterior's width (``dhnmaAmplitudeStd*``)
 is reported next to the actual amplitude error it should track.
 
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
@@ -41,6 +45,7 @@ fitted modes next to the main case's, and the posterior's width next to its actu
         --scratch-set network.vae_pseudo_after=0.2 --scratch-set network.vae_pseudo_particles=1024   # self-training
 
     python bench/bench_vae.py --only regressor --init-set network.lr=1e-4   # a variant of the other
+    python bench/bench_vae.py --only regressor --init-set network.vae_pseudo_fraction=0   # no self-training
 
 Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` / ``--init-set`` variant:
 vae_scratch_<tag>.json / vae_regressor_<tag>.json; ``--only`` with a VAE's defaults: vae_<only>.json).
@@ -302,7 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch-steps", type=int,
                     help="optimiser steps of the scratch VAE (default: as many as --scratch-cpu-hours buy at the "
                          "reconstruction steps' rate; pose steps are cheaper, the CPU-hours are measured)")
-    ap.add_argument("--init-cpu-hours", type=float, default=1.0)
+    ap.add_argument("--init-cpu-hours", type=float, default=1.0,
+                    help="sizes the VAE from the regressor by its optimiser steps' rate (0.25 → 1,700 steps); the "
+                         "self-training fits come on top (0.25 → 0.44 CPU-h measured): the JSON has the measured time")
     ap.add_argument("--ranks", type=int, default=2, help="training ranks (DDP, one thread each)")
     ap.add_argument("--gpu", action="store_true",
                     help="the work folder of a `bench_network_accuracy.py --gpu` run: the VAEs train on its GPU "

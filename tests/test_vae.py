@@ -298,6 +298,12 @@ def test_regressor_start_fits_the_particles_hemnma_did_not_label(tmp_path):
            "grid_directions": 12, "grid_inplane": 4, "epochs": 2, "steps_per_epoch": 2, "batch_size": 32,
            "engine": "single", "device": "cpu", "val_fraction": 0.0, "test_fraction": 0.0, "vae_shift_range": 4.0}
     s = TrainSettings.from_config({"network": net})
+    # the regressor start's defaults: self-training on the others when it has them (vae_data all)
+    dflt = {k: v for k, v in net.items() if not k.startswith("vae_pseudo")}
+    d = TrainSettings.from_config({"network": dflt})
+    assert (d.vae_pseudo_fraction, d.vae_pseudo_after, d.vae_pseudo_data, d.vae_pseudo_particles) == \
+        (0.25, 0.0, "others", 1024)
+    assert TrainSettings.from_config({"network": {**dflt, "vae_data": "set1"}}).vae_pseudo_fraction == 0.0
     task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
     n1, n2 = len(task.train_set), len(task.extra)
     assert (n1, n2, task.n_pool) == (80, 60, 140)
@@ -488,6 +494,7 @@ def test_scratch_vae_trains_on_particles_without_any_label(tmp_path):
            "val_fraction": 0.15, "test_fraction": 0.15, "vae_shift_range": 4.0, "warmup_epochs": 0}
     s = TrainSettings.from_config({"network": net})
     assert s.vae_pseudo_fraction == 0.5 and s.vae_prior_rmsd == 6.0 and s.vae_pretrain == 0.7  # scratch defaults
+    assert (s.vae_pseudo_data, s.vae_pseudo_particles) == ("set1", 512)
     res = train(bare, tmp_path / "net", s, modes=modes, resume=False)
     ck = load_checkpoint(tmp_path / "net" / "best.pt")
     assert ck["epoch"] >= 1 and res.best_epoch >= 1
