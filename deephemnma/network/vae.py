@@ -60,10 +60,11 @@ Pose and conformation are kept apart the HetACUMN way: the optimiser steps alter
   decoder detached (it is learnt by the pose steps alone), so the likelihood cannot trade
   conformation for pose.
 
-Self-training (``scratch``; ``vae_pseudo_fraction``, 0.5 by default there): rendered particles teach poses
+Self-training (``vae_pseudo_fraction``: 0.5 by default for ``scratch``; 0.25 from the regressor's
+start with ``vae_data: all``, beside set 1's HEMNMA labels): rendered particles teach poses
 on the renderer's images, not the data's (other atoms, the microscope's real transfer, other
 noise), and without labels the encoder's poses on real particles lag its poses on renders.
-So at the start of every epoch (after ``vae_pseudo_after`` of the steps) set-1 particles are
+So at the start of every epoch (after ``vae_pseudo_after`` of the steps) particles are
 answered by the encoder and fitted through the decoder from its pose hypotheses (its
 answer and the other peaks of its distribution over the grid; :func:`gauss_newton_fit`:
 rotation, shift and amplitudes; the best-correlating one kept); the fits whose model image
@@ -72,11 +73,10 @@ the image and the noise spectrum, within 3σ of 1 and at least 0.7 — become la
 images in that fraction of each pose step's batch (a fit started outside its basin, a wrong
 view or the mirrored hand, finds no model that matches: cosine ~0.4 against ~0.9) (:meth:`.vae_task.VAETask.relabel`). The decoder is
 the teacher, the encoder the student: the amortised refinement of the reconstruction steps
-made a label with a quality gate. From scratch set 2 is never fitted. From the regressor's
-start (``vae_pseudo_fraction`` > 0, ``vae_data: all``) the fits are of the particles beyond
-set 1 — set 1 has HEMNMA's labels — so the VAE refines the regressor's answers for the
-particles it then answers with the images themselves (transductive, as any VAE trained on all
-particles is).
+made a label with a quality gate. The fits are of every particle the VAE has without HEMNMA's
+labels (``vae_pseudo_data``): from scratch set 1 and, with ``vae_data: all``, set 2; from the
+regressor's start the particles beyond set 1 — so the VAE refines its answers for the particles
+it then answers with the images themselves (transductive, as any VAE trained on all particles is).
 
 The first ``vae_pretrain`` of the steps are pose steps only (the encoder must find poses
 before the likelihood means anything; 0.7 by default for ``scratch``, with a 6 Å starting

@@ -409,8 +409,8 @@ class VAETask(Task):
         """Pseudo-labels of this epoch (self-training; no label of any kind is read).
 
         ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) of
-        ``vae_pseudo_data``: set 1 (scratch's default), the particles beyond set 1 (``others``,
-        ``vae_data: all``; the regressor's start, set 1 having HEMNMA's labels) or both (``all``)
+        ``vae_pseudo_data``: set 1, the particles beyond set 1 (``others``, ``vae_data: all``; the
+        regressor's start, set 1 having HEMNMA's labels) or both (``all``: scratch with ``vae_data: all``)
         are answered by the encoder, then fitted through the decoder from each of its pose
         hypotheses (:meth:`pose_hypotheses`) — :func:`.vae.gauss_newton_fit`,
         :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box (the
