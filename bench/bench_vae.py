@@ -9,8 +9,9 @@ for the held-out image set 2 (the regressor alone, HEMNMA). This script trains t
 - ``scratch``: no HEMNMA output at all (``vae_init: scratch``; set 1 as preprocessed, before
   HEMNMA's outlier filter): the renderer is calibrated from the images, rendered amplitudes
   come from the thermal prior; the reconstruction sees set 1 and the unlabelled set 2
-  (``vae_data: all``), as a user without labels would run it (``--only scratch`` needs only the
-  network-accuracy bench's particles, and reports HEMNMA and the regressor when they exist);
+  (``vae_data: all``) and self-trains on both sets' fits (the default ``vae_pseudo_data: all``),
+  as a user without labels would run it (``--only scratch`` needs only the network-accuracy
+  bench's particles, and reports HEMNMA and the regressor when they exist);
 - ``regressor``: the encoder starts from the regressor's checkpoint (``vae_init: regressor``,
   ``vae_init_checkpoint``) and learns from the images of both sets, under the prior of
   HEMNMA's set-1 amplitudes (``vae_prior: hemnma``: the labels exist, so the prior uses them),
@@ -24,8 +25,9 @@ no global search, no fallback — for the scratch VAE, a pipeline without any HE
 search), and compares the methods with the ground truth (``deephemnma evaluate``): the paper's
 angle metric (chance ~90°), shift per axis, deformation RMSD (Å) next to predicting the mean
 conformation, with each training's CPU-hours, and per particle each VAE's errors minus the
-regressor's (``paired_vs_regressor``: mean ± standard error, fraction of particles better). The posterior's width (``dhnmaAmplitudeStd*``)
-is reported next to the actual amplitude error it should track.
+regressor's (``paired_vs_regressor``: mean ± standard error, fraction of particles better).
+The posterior's width (``dhnmaAmplitudeStd*``) is reported next to the actual amplitude error
+it should track.
 
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
 motion outside the fitted modes — the helix on modes 7–9 plus ± 120 on mode 10 (about 3 Å

@@ -144,9 +144,10 @@ class TrainSettings:
                 setattr(self, k, v)
         self.seed = int(self.seed or 0)
         self.hidden = list(self.hidden)
-        # self-training where no label exists: from scratch on set 1; from the regressor's start on
-        # the particles beyond set 1 when the VAE has them (bench/README.md: better than the
-        # regressor alone on angle, shift and RMSD, where without it the VAE only kept its accuracy)
+        # self-training on every particle without HEMNMA's labels: from scratch set 1 (and set 2 with
+        # vae_data all); from the regressor's start the particles beyond set 1 when the VAE has them
+        # (bench/README.md: better than the regressor alone on angle, shift and RMSD, where without
+        # it the VAE only kept its accuracy)
         if self.vae_pseudo_fraction is None:
             self.vae_pseudo_fraction = 0.5 if self.vae_init == "scratch" else 0.25 if self.vae_data == "all" else 0.0
         if self.vae_pseudo_after is None:

@@ -280,7 +280,7 @@ class VAETask(Task):
         self.total_steps = s.epochs * self.steps_per_epoch
         self.pretrain_steps = 0 if ckpt is not None else int(round(s.vae_pretrain * self.total_steps))
         self.self_calibrate = not self.labelled
-        self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (rows of set 1, R, o, q)
+        self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (pool rows, R, o, q)
         self.pseudo_stats: dict = {}
         self.pseudo_render: ParameterPrior | None = None  # rendered amplitudes from the pseudo-labels
         if s.vae_pseudo_fraction > 0 and self.labelled and s.vae_pseudo_data != "others":
@@ -477,7 +477,7 @@ class VAETask(Task):
                  "pseudo_other_hypothesis": mean(other[keep])}
         table = self.train_set.table
         in1 = np.flatnonzero(rows < n1)                # set-1 fits: HEMNMA's labels may be in the table
-        if not self.labelled and len(in1) and \
+        if len(in1) and \
                 all(c in table.columns for c in ANGLES + ORIGINS + amplitude_columns_for(self.elastic)):
             R, o, q = labels_of(table.iloc[rows[in1]], self.elastic)  # HEMNMA's: reported, never used
             k1, r1 = np.flatnonzero(np.isin(in1, keep)), np.flatnonzero(~np.isin(in1, keep))  # of in1
