@@ -438,7 +438,8 @@ def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path)
 def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     """A VAE training stopped after an epoch and resumed ends with the same weights, bit for bit,
     as one run straight through — with self-calibration and pseudo-labels (both recomputed from
-    the weights at the start of an epoch) and reconstruction steps after the first epoch."""
+    the weights at the start of an epoch), reconstruction steps after the first epoch, and a
+    pseudo-label pool of two epochs (the earlier epoch's fits come back from the checkpoint)."""
     from deephemnma.network.checkpoint import load_checkpoint
     from deephemnma.network.train import TrainSettings, train
 
@@ -447,12 +448,13 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     modes = write_modes(tmp_path / "modes.npz", model)
     net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "vae_pseudo_fraction": 0.5,
            "vae_pseudo_after": 0.3, "vae_pretrain": 0.34, "vae_refine_iterations": 1,
+           "vae_pseudo_particles": 40, "vae_pseudo_memory": 2,
            "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
            "epochs": 3, "steps_per_epoch": 3, "batch_size": 16, "engine": "single", "device": "cpu",
            "val_fraction": 0.1, "test_fraction": 0.0, "vae_shift_range": 4.0, "warmup_epochs": 0}
     s = TrainSettings.from_config({"network": net})
     train(set1, tmp_path / "straight", s, modes=modes, resume=False)
-    train(set1, tmp_path / "resumed", s, modes=modes, resume=False, max_epochs=1)
+    train(set1, tmp_path / "resumed", s, modes=modes, resume=False, max_epochs=2)  # killed with a pool
     train(set1, tmp_path / "resumed", s, modes=modes, resume=True)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
@@ -463,8 +465,13 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
-    assert rows[0].get("pseudo_fitted") == "" and all(r["pseudo_fitted"] == "72" for r in rows[1:])  # all 72 of set 1
+    assert rows[0].get("pseudo_fitted") == "" and all(r["pseudo_fitted"] == "40" for r in rows[1:])  # 40 of 72
     assert all(int(r["pseudo_labels"]) > 0 for r in rows[1:])
+    # the pool: epoch 2's kept fits, then those of epoch 3 and epoch 2's particles not fitted again
+    assert rows[1]["pseudo_pool"] == rows[1]["pseudo_labels"]
+    assert int(rows[2]["pseudo_pool"]) > int(rows[2]["pseudo_labels"])
+    assert int(a["pseudo_pool"]["epoch"].min()) == 1 and int(a["pseudo_pool"]["epoch"].max()) == 2
+    assert len(np.unique(a["pseudo_pool"]["rows"].numpy())) == len(a["pseudo_pool"]["rows"]) == int(rows[2]["pseudo_pool"])
     # the training's CPU time counts every epoch, those before the kill too (summary.json)
     resumed = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
     cpu = [float(r["cpu_seconds"]) for r in resumed]

@@ -64,6 +64,9 @@ class Task:
         """Whether a checkpoint's task state belongs to this very task (resume checks)."""
         return True
 
+    def restore(self, saved: dict) -> None:
+        """Take back what :meth:`state` recorded that a resumed run cannot recompute."""
+
     def set_epoch(self, epoch: int) -> None:
         pass
 
@@ -238,6 +241,7 @@ def load_progress(task: Task, s, engine: Engine, out: Path, resume, scaler) -> t
         return Progress(), None
     check_resume(ck, task, s, engine.world_size, last)
     task.model.load_state_dict(ck["model_state"])
+    task.restore(ck)
     if scaler is not None and ck.get("scaler_state"):
         scaler.load_state_dict(ck["scaler_state"])
     set_rng_state(ck["rng"])

@@ -134,6 +134,7 @@ class TrainSettings:
     vae_pseudo_after: float | None
     vae_pseudo_particles: int | None
     vae_pseudo_data: str | None
+    vae_pseudo_memory: int | None
     vae_pseudo_prior: bool
 
     def __post_init__(self):
@@ -156,6 +157,8 @@ class TrainSettings:
             self.vae_pseudo_particles = 512 if self.vae_init == "scratch" else 1024
         if self.vae_pseudo_data is None:  # the particles self-training fits: all it has without HEMNMA's labels
             self.vae_pseudo_data = "others" if self.vae_init == "regressor" else "all" if self.vae_data == "all" else "set1"
+        if self.vae_pseudo_memory is None:
+            self.vae_pseudo_memory = 1
         # without labels the encoder must find poses alone: a longer pose pretraining and a wider
         # starting prior (bench/README.md: 43.6° with 2 Å and 30 %, 17° with 6 Å and 70 %)
         if self.vae_pretrain is None:

@@ -281,6 +281,7 @@ class VAETask(Task):
         self.pretrain_steps = 0 if ckpt is not None else int(round(s.vae_pretrain * self.total_steps))
         self.self_calibrate = not self.labelled
         self.pseudo: dict | None = None   # this rank's pseudo-labels of the epoch (pool rows, R, o, q)
+        self.pseudo_pool: dict | None = None  # every rank's kept fits of the last vae_pseudo_memory epochs
         self.pseudo_stats: dict = {}
         self.pseudo_render: ParameterPrior | None = None  # rendered amplitudes from the pseudo-labels
         if s.vae_pseudo_fraction > 0 and self.labelled and s.vae_pseudo_data != "others":
@@ -344,7 +345,15 @@ class VAETask(Task):
     def state(self) -> dict:
         return {"calibration": self.model.calibration(), "initial_calibration": self.initial_calibration,
                 "mode_numbers": self.model_config["modes"], "vae": {"init": self.s.vae_init,
-                                                                   "calibration_source": self.calibration_source}}
+                                                                   "calibration_source": self.calibration_source},
+                "pseudo_pool": None if self.pseudo_pool is None else  # tensors: checkpoints load weights-only
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.pseudo_pool.items()}}
+
+    def restore(self, saved: dict) -> None:
+        """The pseudo-label pool of the epochs before the resumed one (fits of earlier weights:
+        not recomputable)."""
+        pool = saved.get("pseudo_pool")
+        self.pseudo_pool = None if pool is None else {k: v.numpy() for k, v in pool.items()}
 
     def same_state(self, saved: dict) -> bool:
         c = saved.get("initial_calibration") or {}
@@ -428,9 +437,11 @@ class VAETask(Task):
         lo, hi = {"set1": (0, n1), "others": (n1, self.n_pool), "all": (0, self.n_pool)}[s.vae_pseudo_data]
         n = hi - lo
         rows = lo + np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
+        drawn = np.sort(rows)
         rows = np.sort(rows[eng.rank::eng.world_size])
         if not len(rows):
             self.pseudo = None
+            self.update_pool(epoch, drawn)
             return
         images = self.pool.read(rows)
         hyp = self.pose_hypotheses(images)
@@ -471,6 +482,7 @@ class VAETask(Task):
         other = torch.cat(second).double().cpu().numpy()
         self.pseudo = {"rows": rows[keep], "correlation": score[keep], "cosine": cosine[keep],
                        **{k: v[keep] for k, v in fit.items()}} if len(keep) else None
+        self.update_pool(epoch, drawn)
         mean = (lambda v: float(v.mean()) if len(v) else float("nan"))
         stats = {"pseudo_labels": int(len(keep)), "pseudo_fitted": int(len(rows)),
                  "pseudo_cosine": float(np.median(cosine)), "pseudo_bar": float(np.median(bar)),
@@ -485,6 +497,7 @@ class VAETask(Task):
             stats.update(pseudo_angle_vs_hemnma_deg=mean(err[k1]), pseudo_angle_rejected_vs_hemnma_deg=mean(err[r1]),
                          encoder_angle_vs_hemnma_deg=float(angular_error(hyp["rotations"][in1, 0], R).mean()),
                          pseudo_rmsd_vs_hemnma_A=mean(self.elastic.rmsd_between(fit["amplitudes"][in1][k1], q[k1])))
+        stats["pseudo_pool"] = int(len(self.pseudo_pool["rows"])) if self.pseudo_pool is not None else 0
         self.pseudo_stats = stats
         log.info("pseudo-labels of epoch %d: %d of %d fits kept (cosine with the particle's signal: median %.2f, bar "
                  "%.2f; %.0f %% of those kept from another pose hypothesis than the encoder's answer)%s", epoch + 1,
@@ -493,6 +506,34 @@ class VAETask(Task):
                  f"; vs HEMNMA (reported only): kept {stats['pseudo_angle_vs_hemnma_deg']:.1f}°, rejected "
                  f"{stats['pseudo_angle_rejected_vs_hemnma_deg']:.1f}°, the encoder's "
                  f"{stats['encoder_angle_vs_hemnma_deg']:.1f}°, kept RMSD {stats['pseudo_rmsd_vs_hemnma_A']:.2f} Å")
+
+    def update_pool(self, epoch: int, drawn: np.ndarray) -> None:
+        """The pose steps' pseudo-labels: every rank's kept fits of this epoch (a collective sum
+        over the epoch's draw ``drawn``, so all ranks hold the same pool) and those of the
+        ``vae_pseudo_memory`` − 1 epochs before it — a particle's latest kept fit replaces an
+        earlier one, and a fit older than the memory leaves. One epoch's fits are a few hundred
+        particles; the memory lets the encoder see thousands of the data's own images with labels,
+        as HEMNMA's labels give the regressor's start. The pool is checkpointed (:meth:`state`)."""
+        M = self.elastic.n_modes
+        table = np.zeros((len(drawn), 12 + M))  # kept, R (9), origins (2), amplitudes
+        p = self.pseudo
+        if p is not None:
+            at = np.searchsorted(drawn, p["rows"])
+            table[at, 0] = 1.0
+            table[at, 1:10] = np.asarray(p["rotations"], np.float64).reshape(-1, 9)
+            table[at, 10:12] = p["origins"]
+            table[at, 12:] = p["amplitudes"]
+        table = self.engine.all_sum(table)
+        got = table[:, 0] > 0.5
+        new = {"rows": drawn[got].astype(np.int64), "epoch": np.full(int(got.sum()), epoch, np.int64),
+               "rotations": table[got, 1:10].reshape(-1, 3, 3), "origins": table[got, 10:12],
+               "amplitudes": table[got, 12:]}
+        old = self.pseudo_pool
+        if old is not None:
+            stay = (old["epoch"] > epoch - int(self.s.vae_pseudo_memory)) & ~np.isin(old["rows"], new["rows"])
+            new = {k: np.concatenate([old[k][stay], new[k]]) for k in new}
+        order = np.argsort(new["rows"], kind="stable")
+        self.pseudo_pool = {k: v[order] for k, v in new.items()} if len(order) else None
 
     @torch.no_grad()
     def pseudo_prior(self) -> None:
@@ -587,8 +628,8 @@ class VAETask(Task):
             frac = (epoch * self.steps_per_epoch + step) / max(1, self.total_steps)
             if frac >= s.real_after:
                 sources.append((int(round(s.batch_size * s.real_fraction)), (np.arange(len(self.train_set)), *self.labels)))
-        if self.pseudo is not None:
-            p = self.pseudo
+        if self.pseudo_pool is not None:
+            p = self.pseudo_pool
             sources.append((int(round(s.batch_size * s.vae_pseudo_fraction)),
                             (p["rows"], p["rotations"], p["origins"], p["amplitudes"])))
         b = self.render(epoch, key, s.batch_size - sum(k for k, _ in sources))
