@@ -435,7 +435,8 @@ def test_pseudo_labels_become_the_prior_and_the_rendered_conformations(tmp_path)
             assert prior_mean == 0.0 and prior_std == pytest.approx(thermal) and task.pseudo_render is None
 
 
-def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
+@pytest.mark.parametrize("calibrate_on", ["answers", "fits"])
+def test_vae_resume_is_exact_with_pseudo_labels(tmp_path, calibrate_on):
     """A VAE training stopped after an epoch and resumed ends with the same weights, bit for bit,
     as one run straight through — with self-calibration and pseudo-labels (both recomputed from
     the weights at the start of an epoch), reconstruction steps after the first epoch, and a
@@ -448,7 +449,7 @@ def test_vae_resume_is_exact_with_pseudo_labels(tmp_path):
     modes = write_modes(tmp_path / "modes.npz", model)
     net = {"model": "vae", "vae_init": "scratch", "vae_prior_rmsd": 2.0, "vae_pseudo_fraction": 0.5,
            "vae_pseudo_after": 0.3, "vae_pretrain": 0.34, "vae_refine_iterations": 1,
-           "vae_pseudo_particles": 40, "vae_pseudo_memory": 2,
+           "vae_pseudo_particles": 40, "vae_pseudo_memory": 2, "vae_calibrate_on": calibrate_on,
            "arch": "convnet", "width": 4, "input_box": 16, "hidden": [16], "grid_directions": 12, "grid_inplane": 4,
            "epochs": 3, "steps_per_epoch": 3, "batch_size": 16, "engine": "single", "device": "cpu",
            "val_fraction": 0.1, "test_fraction": 0.0, "vae_shift_range": 4.0, "warmup_epochs": 0}

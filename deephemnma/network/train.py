@@ -135,6 +135,7 @@ class TrainSettings:
     vae_pseudo_particles: int | None
     vae_pseudo_data: str | None
     vae_pseudo_memory: int | None
+    vae_calibrate_on: str
     vae_pseudo_prior: bool
 
     def __post_init__(self):
