@@ -27,7 +27,9 @@ angle metric (chance ~90°), shift per axis, deformation RMSD (Å) next to predi
 conformation, with each training's CPU-hours, and per particle each VAE's errors minus the
 regressor's (``paired_vs_regressor``: mean ± standard error, fraction of particles better).
 The posterior's width (``dhnmaAmplitudeStd*``) is reported next to the actual amplitude error
-it should track.
+it should track. ``self_training_fits``: set-2 particles fitted through each VAE's decoder
+from its encoder's hypotheses, as its self-training fits them, against the truth next to the
+encoder's own answers for them — how much better the decoder's fits are than the encoder.
 
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
 motion outside the fitted modes — the helix on modes 7–9 plus ± 120 on mode 10 (about 3 Å
@@ -153,6 +155,50 @@ def paired(res: Path, name: str, other: str) -> dict:
 MISFIT_Q10 = 120.0
 MISFIT_SPREAD = 15.0
 MISFIT_SEED = 11
+
+
+def fits_vs_truth(res: Path, checkpoint: Path, n: int = 400) -> dict:
+    """Where a VAE's error sits: ``n`` set-2 particles (a seeded draw) fitted through its decoder
+    from its encoder's pose hypotheses, exactly as self-training fits them
+    (``VAETask.fit_particles``), against the simulation's truth — the fits its gate keeps, all
+    fits, and the encoder's own answers for the same particles (what the encoder alone would
+    have to learn to match). Built from the checkpoint's settings and training data."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.geometry import angular_error
+    from deephemnma.evaluate import align_tables, load_ground_truth
+    from deephemnma.network.checkpoint import load_checkpoint
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.posegrid import labels_of
+    from deephemnma.network.train import TrainSettings, make_task
+
+    torch.set_num_threads(1)
+    ck = load_checkpoint(checkpoint)
+    s = TrainSettings.from_config({"network": {**ck["settings"], "engine": "single", "device": "cpu"}})
+    task = make_task(s, make_engine("single", "cpu"), ck["data"]["sources"], modes=res / "nma/modes.npz")
+    task.model.load_state_dict(ck["model_state"])
+    task.restore(ck)
+    n1 = len(task.train_set)
+    rows = np.sort(n1 + np.random.default_rng(0x7E57).permutation(task.n_pool - n1)[:n])
+    r = task.fit_particles(rows)
+    _, t = align_tables(task.extra.table.iloc[rows - n1].reset_index(drop=True),
+                        load_ground_truth(res / "simulate/ground_truth.star"))
+    R, _, q = labels_of(t, task.elastic)
+    kept = r["kept"]
+
+    def errors(rot, amp, sel) -> dict:
+        a, d = angular_error(rot[sel], R[sel]), task.elastic.rmsd_between(amp[sel], q[sel])
+        return {"n": int(sel.sum()), "angle_deg": float(a.mean()), "angle_median_deg": float(np.median(a)),
+                "rmsd_A": float(d.mean()), "rmsd_median_A": float(np.median(d))}
+
+    enc = (r["hypotheses"]["rotations"][:, 0], r["hypotheses"]["amplitudes"])
+    every = np.ones(len(rows), bool)
+    return {"particles": int(len(rows)), "kept_fraction": float(kept.mean()),
+            "fits_kept": errors(r["fit"]["rotations"], r["fit"]["amplitudes"], kept),
+            "fits_all": errors(r["fit"]["rotations"], r["fit"]["amplitudes"], every),
+            "encoder_on_kept": errors(*enc, kept), "encoder_all": errors(*enc, every)}
 
 
 def misfit_states() -> list[list[float]]:
@@ -389,6 +435,7 @@ def main(argv=None) -> int:
                                   "refined_local": {**refined, "cpu_s_per_particle": local_s / max(1, refined["n"])},
                                   "posterior_vs_error": posterior_vs_error(res, star),
                                   "summary": json.loads((out / "summary.json").read_text())}
+        figures[f"vae_{name}"]["self_training_fits"] = fits_vs_truth(res, out / "best.pt")
         if "regressor_alone" in figures:  # per particle, VAE − regressor (± s.e.)
             figures[f"vae_{name}"]["paired_vs_regressor"] = paired(res, f"vae_{name}", "alone")
     if args.misfit_n > 0 and (res / "network/best.pt").exists():

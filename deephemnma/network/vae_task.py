@@ -419,35 +419,15 @@ class VAETask(Task):
         return {k: torch.cat([o[k] for o in out]).double().cpu().numpy() for k in out[0]}
 
     @torch.no_grad()
-    def relabel(self, epoch: int) -> None:
-        """Pseudo-labels of this epoch (self-training; no label of any kind is read).
-
-        ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) of
-        ``vae_pseudo_data``: set 1, the particles beyond set 1 (``others``, ``vae_data: all``; the
-        regressor's start, set 1 having HEMNMA's labels) or both (``all``: scratch with ``vae_data: all``)
-        are answered by the encoder, then fitted through the decoder from each of its pose
-        hypotheses (:meth:`pose_hypotheses`) — :func:`.vae.gauss_newton_fit`,
-        :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box (the
-        reconstruction steps' refiner), the best-correlating hypothesis kept — and the fits whose model
-        image explains the particle's signal (:data:`PSEUDO_GATE`) become
-        labelled real images of the pose steps. Rendered particles teach the encoder poses on
-        the renderer's images; these teach it on the data's own (other atoms, other noise, the
-        microscope's real transfer), which is what the regressor's HEMNMA labels give it. With
-        ``set1`` the particles the VAE is tested on (set 2) reach it through the likelihood alone;
-        fitting them (``others``, ``all``) refines its answers for the very particles it then
-        answers, from the images themselves (transductive, as a VAE trained on all particles is).
-        A function of the weights at the start of the epoch: a resumed run recomputes it."""
-        s, eng, vae, dev = self.s, self.engine, self.model, self.device
-        n1 = len(self.train_set)                       # set 1 heads the pool: rows 0..n1-1
-        lo, hi = {"set1": (0, n1), "others": (n1, self.n_pool), "all": (0, self.n_pool)}[s.vae_pseudo_data]
-        n = hi - lo
-        rows = lo + np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
-        drawn = np.sort(rows)
-        rows = np.sort(rows[eng.rank::eng.world_size])
-        if not len(rows):
-            self.pseudo = None
-            self.update_pool(epoch, drawn)
-            return
+    def fit_particles(self, rows: np.ndarray) -> dict:
+        """The self-training fits of the pool's ``rows``: the encoder's pose hypotheses
+        (:meth:`pose_hypotheses`), each fitted through the decoder (:func:`.vae.gauss_newton_fit`,
+        :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box),
+        the best-correlating one kept. Returns ``hypotheses``, ``fit`` (rotations, origins,
+        amplitudes), ``correlation``, ``cosine`` (with the particle's estimated signal), ``bar``
+        (the gate :data:`PSEUDO_GATE` / :data:`PSEUDO_Z` of each particle), ``kept`` (cosine ≥ bar)
+        and ``other_hypothesis`` (the best fit started from another peak than the encoder's answer)."""
+        vae, dev = self.model, self.device
         images = self.pool.read(rows)
         hyp = self.pose_hypotheses(images)
         H = hyp["rotations"].shape[1]
@@ -483,8 +463,44 @@ class VAETask(Task):
         cosine = torch.cat(cosine).double().cpu().numpy()
         fit = {k: np.concatenate([f[k] for f in fits]) for k in fits[0]}
         bar = torch.cat(bar).double().cpu().numpy()
-        keep = np.flatnonzero(cosine >= bar)
         other = torch.cat(second).double().cpu().numpy()
+        return {"hypotheses": hyp, "fit": fit, "correlation": score, "cosine": cosine, "bar": bar,
+                "kept": cosine >= bar, "other_hypothesis": other}
+
+    @torch.no_grad()
+    def relabel(self, epoch: int) -> None:
+        """Pseudo-labels of this epoch (self-training; no label of any kind is read).
+
+        ``vae_pseudo_particles`` particles (a seeded draw per epoch, each rank its share) of
+        ``vae_pseudo_data``: set 1, the particles beyond set 1 (``others``, ``vae_data: all``; the
+        regressor's start, set 1 having HEMNMA's labels) or both (``all``: scratch with ``vae_data: all``)
+        are answered by the encoder, then fitted through the decoder from each of its pose
+        hypotheses (:meth:`pose_hypotheses`) — :func:`.vae.gauss_newton_fit`,
+        :data:`PSEUDO_ITERATIONS` iterations of rotation, shift and amplitudes at half the box (the
+        reconstruction steps' refiner), the best-correlating hypothesis kept — and the fits whose model
+        image explains the particle's signal (:data:`PSEUDO_GATE`) become
+        labelled real images of the pose steps. Rendered particles teach the encoder poses on
+        the renderer's images; these teach it on the data's own (other atoms, other noise, the
+        microscope's real transfer), which is what the regressor's HEMNMA labels give it. With
+        ``set1`` the particles the VAE is tested on (set 2) reach it through the likelihood alone;
+        fitting them (``others``, ``all``) refines its answers for the very particles it then
+        answers, from the images themselves (transductive, as a VAE trained on all particles is).
+        A function of the weights at the start of the epoch: a resumed run recomputes it."""
+        s, eng = self.s, self.engine
+        n1 = len(self.train_set)                       # set 1 heads the pool: rows 0..n1-1
+        lo, hi = {"set1": (0, n1), "others": (n1, self.n_pool), "all": (0, self.n_pool)}[s.vae_pseudo_data]
+        n = hi - lo
+        rows = lo + np.random.default_rng([s.seed, epoch, 0x5E1F]).permutation(n)[:min(s.vae_pseudo_particles, n)]
+        drawn = np.sort(rows)
+        rows = np.sort(rows[eng.rank::eng.world_size])
+        if not len(rows):
+            self.pseudo = None
+            self.update_pool(epoch, drawn)
+            return
+        r = self.fit_particles(rows)
+        hyp, fit, score, cosine, bar, other = (r[k] for k in ("hypotheses", "fit", "correlation", "cosine", "bar",
+                                                             "other_hypothesis"))
+        keep = np.flatnonzero(r["kept"])
         self.pseudo = {"rows": rows[keep], "correlation": score[keep], "cosine": cosine[keep],
                        **{k: v[keep] for k, v in fit.items()}} if len(keep) else None
         self.update_pool(epoch, drawn)
