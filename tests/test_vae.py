@@ -504,7 +504,7 @@ def test_scratch_vae_trains_on_particles_without_any_label(tmp_path):
            "epochs": 3, "steps_per_epoch": 3, "batch_size": 16, "engine": "single", "device": "cpu",
            "val_fraction": 0.15, "test_fraction": 0.15, "vae_shift_range": 4.0, "warmup_epochs": 0}
     s = TrainSettings.from_config({"network": net})
-    assert s.vae_pseudo_fraction == 0.75 and s.vae_prior_rmsd == 6.0 and s.vae_pretrain == 0.7  # scratch defaults
+    assert s.vae_pseudo_fraction == 0.5 and s.vae_prior_rmsd == 6.0 and s.vae_pretrain == 0.7  # scratch defaults
     assert (s.vae_pseudo_data, s.vae_pseudo_particles) == ("set1", 512)
     res = train(bare, tmp_path / "net", s, modes=modes, resume=False)
     ck = load_checkpoint(tmp_path / "net" / "best.pt")
