@@ -306,7 +306,7 @@ def test_regressor_start_fits_the_particles_hemnma_did_not_label(tmp_path):
     assert TrainSettings.from_config({"network": {**dflt, "vae_data": "set1"}}).vae_pseudo_fraction == 0.0
     sc = TrainSettings.from_config({"network": {**dflt, "vae_init": "scratch"}})  # scratch fits all it has
     assert (sc.vae_pseudo_fraction, sc.vae_pseudo_after, sc.vae_pseudo_data, sc.vae_pseudo_particles) == \
-        (0.75, 0.3, "all", 512)
+        (0.5, 0.3, "all", 512)
     task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
     n1, n2 = len(task.train_set), len(task.extra)
     assert (n1, n2, task.n_pool) == (80, 60, 140)

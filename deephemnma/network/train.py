@@ -151,7 +151,7 @@ class TrainSettings:
         # (bench/README.md: better than the regressor alone on angle, shift and RMSD, where without
         # it the VAE only kept its accuracy)
         if self.vae_pseudo_fraction is None:
-            self.vae_pseudo_fraction = 0.75 if self.vae_init == "scratch" else 0.25 if self.vae_data == "all" else 0.0
+            self.vae_pseudo_fraction = 0.5 if self.vae_init == "scratch" else 0.25 if self.vae_data == "all" else 0.0
         if self.vae_pseudo_after is None:
             self.vae_pseudo_after = 0.3 if self.vae_init == "scratch" else 0.0
         if self.vae_pseudo_particles is None:

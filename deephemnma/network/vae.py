@@ -60,7 +60,7 @@ Pose and conformation are kept apart the HetACUMN way: the optimiser steps alter
   decoder detached (it is learnt by the pose steps alone), so the likelihood cannot trade
   conformation for pose.
 
-Self-training (``vae_pseudo_fraction``: 0.75 by default for ``scratch``; 0.25 from the regressor's
+Self-training (``vae_pseudo_fraction``: 0.5 by default for ``scratch``; 0.25 from the regressor's
 start with ``vae_data: all``, beside set 1's HEMNMA labels): rendered particles teach poses
 on the renderer's images, not the data's (other atoms, the microscope's real transfer, other
 noise), and without labels the encoder's poses on real particles lag its poses on renders.
