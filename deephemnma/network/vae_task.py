@@ -533,8 +533,9 @@ class VAETask(Task):
         over the epoch's draw ``drawn``, so all ranks hold the same pool) and those of the
         ``vae_pseudo_memory`` − 1 epochs before it — a particle's latest kept fit replaces an
         earlier one, and a fit older than the memory leaves. One epoch's fits are a few hundred
-        particles; the memory lets the encoder see thousands of the data's own images with labels,
-        as HEMNMA's labels give the regressor's start. The pool is checkpointed (:meth:`state`)."""
+        particles; a longer memory lets the encoder see thousands of the data's own images with
+        labels, as HEMNMA's labels give the regressor's start — on the VAE bench it trained worse
+        than the epoch's own fits (bench/README.md). The pool is checkpointed (:meth:`state`)."""
         M = self.elastic.n_modes
         table = np.zeros((len(drawn), 12 + M))  # kept, R (9), origins (2), amplitudes
         p = self.pseudo
@@ -611,9 +612,10 @@ class VAETask(Task):
         rougher than these fits: on the VAE bench the residuals of the scratch encoder's answers
         kept 1.14 × the background's noise power to the end, so the calibration from the images
         alone (gain and a signal transfer that rose to 10 × at the edge) was never replaced, where
-        the fits' residuals have 1.005 × and their calibration is HEMNMA's labels' (gain 0.215 vs
-        0.228, transfer within 30 % to 0.8 Nyquist). All ranks hold the same pool: the same
-        calibration."""
+        the fits' residuals have 1.005 × and their calibration is near HEMNMA's labels' (gain 0.215
+        vs 0.228, transfer within 30 %). Yet the scratch VAE trained worse with it (bench/README.md):
+        the noise measured on the fits' residuals also loosens the pseudo-label gate. All ranks
+        hold the same pool: the same calibration."""
         p = self.pseudo_pool
         take = np.sort(np.argsort(-p["epoch"], kind="stable")[:CALIBRATION_PARTICLES])
         rows = p["rows"][take]
