@@ -599,9 +599,7 @@ class VAETask(Task):
         """Self-calibration (``vae_calibrate_on: answers``): :func:`.render.calibrate` on the
         VAE's own answers for the calibration particles (rotation, origins, posterior mean)."""
         pred = self.predict_images(self.cal_images)
-        table = pd.DataFrame(np.concatenate([matrix_to_euler(pred["rotations"]), pred["origins"],
-                                             pred["amplitudes"]], 1),
-                             columns=ANGLES + ORIGINS + amplitude_columns_for(self.elastic))
+        table = self.pose_table(pred["rotations"], pred["origins"], pred["amplitudes"])
         self.apply_calibration(calibrate(self.cal_renderer, self.cal_images, table), "answers")
 
     @torch.no_grad()
@@ -619,13 +617,16 @@ class VAETask(Task):
         p = self.pseudo_pool
         take = np.sort(np.argsort(-p["epoch"], kind="stable")[:CALIBRATION_PARTICLES])
         rows = p["rows"][take]
-        table = pd.DataFrame(np.concatenate([matrix_to_euler(p["rotations"][take]), p["origins"][take],
-                                             p["amplitudes"][take]], 1),
-                             columns=ANGLES + ORIGINS + amplitude_columns_for(self.elastic))
+        table = self.pose_table(p["rotations"][take], p["origins"][take], p["amplitudes"][take])
         ctf = self.renderer.ctf
         rend = ParticleRenderer(self.elastic, self.settings, None, None if ctf is None else ctf[rows],
                                 seed=self.s.seed, device="cpu")
         self.apply_calibration(calibrate(rend, self.pool.read(rows), table), f"{len(rows)} fits")
+
+    def pose_table(self, rotations, origins, amplitudes) -> pd.DataFrame:
+        """Rotations, origins and amplitudes as the label columns :func:`.render.calibrate` reads."""
+        return pd.DataFrame(np.concatenate([matrix_to_euler(rotations), origins, amplitudes], 1),
+                            columns=ANGLES + ORIGINS + amplitude_columns_for(self.elastic))
 
     def apply_calibration(self, cal: dict, source: str) -> None:
         """Take ``cal`` when its residuals are at the background's noise (within
