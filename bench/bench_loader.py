@@ -114,13 +114,11 @@ def forward_rate(model, box: int, batch: int, seconds: float = 8.0) -> float:
 def grid_network():
     from deephemnma.core.config import validate_config
     from deephemnma.network.posenet import PoseNet, PoseNetConfig
-    from deephemnma.network.train import RECIPES
+    from deephemnma.network.train import TrainSettings
 
-    net = validate_config({})["network"]
-    r = RECIPES["grid"]
-    cfg = PoseNetConfig(n_amplitudes=3, arch=net["arch"] or r["arch"], input_box=int(net["input_box"]),
-                        n_directions=int(net["grid_directions"]), n_inplane=int(net["grid_inplane"]),
-                        hidden=int((net["hidden"] or r["hidden"])[0]), width=int(net["width"]))
+    s = TrainSettings.from_config(validate_config({}))  # the defaults, the recipe's and the model's resolved
+    cfg = PoseNetConfig(n_amplitudes=3, arch=s.arch, input_box=int(s.input_box), n_directions=int(s.grid_directions),
+                        n_inplane=int(s.grid_inplane), hidden=int(s.hidden[0]), width=int(s.width))
     return PoseNet(cfg).eval(), cfg.to_dict()
 
 

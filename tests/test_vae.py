@@ -307,6 +307,11 @@ def test_regressor_start_fits_the_particles_hemnma_did_not_label(tmp_path):
     sc = TrainSettings.from_config({"network": {**dflt, "vae_init": "scratch"}})  # scratch fits all it has
     assert (sc.vae_pseudo_fraction, sc.vae_pseudo_after, sc.vae_pseudo_data, sc.vae_pseudo_particles) == \
         (0.5, 0.3, "all", 512)
+    # the encoder's width, left null: 24 channels for the VAE from scratch, 16 for the regressor (and the
+    # VAE from it, whose encoder is the regressor's checkpoint); set explicitly, it wins
+    bare = {k: v for k, v in dflt.items() if k != "width"}
+    assert [TrainSettings.from_config({"network": {**bare, **m}}).width for m in
+            ({}, {"vae_init": "scratch"}, {"model": "regressor"}, {"vae_init": "scratch", "width": 8})] == [16, 24, 16, 8]
     task = make_task(s, make_engine("single", "cpu"), set1, modes=modes)
     n1, n2 = len(task.train_set), len(task.extra)
     assert (n1, n2, task.n_pool) == (80, 60, 140)

@@ -66,7 +66,7 @@ class TrainSettings:
     recipe: str
     mode: str | None
     arch: str | None
-    width: int
+    width: int | None
     hidden: list | None
     input_box: int
     grid_directions: int
@@ -166,6 +166,10 @@ class TrainSettings:
             self.vae_pretrain = 0.7 if self.vae_init == "scratch" else 0.3
         if self.vae_prior_rmsd is None:
             self.vae_prior_rmsd = 6.0 if self.vae_init == "scratch" else 2.0
+        # the VAE from scratch is limited by its encoder's capacity (bench/README.md: 24 channels give
+        # 1.71 / 1.68 Å on two seeds against 16's 1.875 Å); the regressor, and the VAE from it, keep 16
+        if self.width is None:
+            self.width = 24 if not self.needs_labels else 16
 
     @property
     def needs_labels(self) -> bool:
