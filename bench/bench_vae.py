@@ -76,6 +76,10 @@ from common import write_result  # noqa: E402
 #: 32², batch 64 per rank, 2 LM iterations per reconstruction step): the VAE demo's 600 steps
 #: on 2 ranks took 616 CPU-s (results_vae/benchmarks/train.tsv)
 RANK_STEPS_PER_CPU_S = 2 * 600 / 616
+#: the VAE from scratch at its default width (24 channels), pose pretraining and self-training
+#: fits included: 8,000 steps in 1.27 CPU-h, one process (vae_scratch_ce6a4e02.json); sizes
+#: --scratch-cpu-hours when --scratch-steps is not given
+SCRATCH_STEPS_PER_CPU_S = 8000 / (1.27 * 3600)
 
 
 def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: int,
@@ -354,7 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch-cpu-hours", type=float, default=2.0)
     ap.add_argument("--scratch-steps", type=int,
                     help="optimiser steps of the scratch VAE (default: as many as --scratch-cpu-hours buy at the "
-                         "reconstruction steps' rate; pose steps are cheaper, the CPU-hours are measured)")
+                         "rate measured for its default width, 1.75 steps per CPU-s; the JSON has the measured time)")
     ap.add_argument("--init-cpu-hours", type=float, default=1.0,
                     help="sizes the VAE from the regressor by its optimiser steps' rate (0.25 → 1,700 steps); the "
                          "self-training fits come on top (0.25 → 0.44 CPU-h measured): the JSON has the measured time")
@@ -403,7 +407,8 @@ def main(argv=None) -> int:
         over, hours, needs = variants[name]
         if not needs.exists():
             return missing(needs, args.work)
-        steps = 20000 if args.gpu else args.scratch_steps if name == scratch else None
+        steps = 20000 if args.gpu else (args.scratch_steps or int(hours * 3600 * SCRATCH_STEPS_PER_CPU_S / args.ranks)
+                                         if name == scratch else None)
         train_vae(res, f"vae_{name}", over, hours, 1 if args.gpu else args.ranks, steps=steps,
                   particles=needs if name == scratch else None)
     if args.train_only:
