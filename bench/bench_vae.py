@@ -83,16 +83,17 @@ SCRATCH_STEPS_PER_CPU_S = 8000 / (1.27 * 3600)
 
 
 def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: int,
-              steps: int | None = None, particles: Path | None = None) -> tuple[Path, float]:
+              steps: int | None = None, particles: Path | None = None,
+              rate: float = RANK_STEPS_PER_CPU_S) -> tuple[Path, float]:
     """Train one VAE into res/bench/<name> for ``steps`` optimiser steps (default: as many as
-    ``cpu_hours`` buy on this machine's CPU) on ``particles`` (default: set 1 as HEMNMA's filter
-    kept it); returns (best.pt, CPU-hours of this training)."""
+    ``cpu_hours`` buy at ``rate``, steps of one rank per CPU-second) on ``particles`` (default:
+    set 1 as HEMNMA's filter kept it); returns (best.pt, CPU-hours of this training)."""
     out = res / "bench" / name
     best = out / "best.pt"
     cpu_file = out / "cpu_seconds.json"
     if best.exists() and cpu_file.exists() and (out / "summary.json").exists():
         return best, cpu_record(cpu_file) / 3600
-    steps = steps or max(10, int(cpu_hours * 3600 * RANK_STEPS_PER_CPU_S / ranks))
+    steps = steps or max(10, int(cpu_hours * 3600 * rate / ranks))
     per_epoch = min(100, steps)
     sets = {"network.model": "vae", "network.epochs": max(1, steps // per_epoch), "network.steps_per_epoch": per_epoch,
             "network.vae_data": "all", "network.vae_particles": [str(res / "preprocess/set2.star")], **overrides}
@@ -407,10 +408,10 @@ def main(argv=None) -> int:
         over, hours, needs = variants[name]
         if not needs.exists():
             return missing(needs, args.work)
-        steps = 20000 if args.gpu else (args.scratch_steps or int(hours * 3600 * SCRATCH_STEPS_PER_CPU_S / args.ranks)
-                                         if name == scratch else None)
+        steps = 20000 if args.gpu else args.scratch_steps if name == scratch else None
         train_vae(res, f"vae_{name}", over, hours, 1 if args.gpu else args.ranks, steps=steps,
-                  particles=needs if name == scratch else None)
+                  particles=needs if name == scratch else None,
+                  rate=SCRATCH_STEPS_PER_CPU_S if name == scratch else RANK_STEPS_PER_CPU_S)
     if args.train_only:
         return 0
     for p in need:  # --only: the other methods' rows when they exist
