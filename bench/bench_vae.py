@@ -31,6 +31,10 @@ it should track. ``self_training_fits``: set-2 particles fitted through each VAE
 from its encoder's hypotheses, as its self-training fits them, against the truth next to the
 encoder's own answers for them — how much better the decoder's fits are than the encoder.
 
+The oracle (``--oracle``): the grid regressor trained on set 1 with the simulation's exact
+labels instead of HEMNMA's, set 2 answered by it alone — the best any label strategy (HEMNMA's
+labels, the VAE's self-training fits) can give an amortised encoder of that width and budget.
+
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
 motion outside the fitted modes — the helix on modes 7–9 plus ± 120 on mode 10 (about 3 Å
 RMS) — answered by HEMNMA, the regressor and each VAE with the models above; errors on the
@@ -50,9 +54,11 @@ fitted modes next to the main case's, and the posterior's width next to its actu
 
     python bench/bench_vae.py --only regressor --init-set network.lr=1e-4   # a variant of the other
     python bench/bench_vae.py --only regressor --init-set network.vae_pseudo_fraction=0   # no self-training
+    python bench/bench_vae.py --oracle --oracle-set network.width=24   # the encoder's ceiling (exact labels)
 
 Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` / ``--init-set`` variant:
-vae_scratch_<tag>.json / vae_regressor_<tag>.json; ``--only`` with a VAE's defaults: vae_<only>.json).
+vae_scratch_<tag>.json / vae_regressor_<tag>.json; ``--only`` with a VAE's defaults: vae_<only>.json;
+``--oracle``: vae_oracle_<tag>.json).
 Resumable: a finished training or prediction is not redone.
 """
 from __future__ import annotations
@@ -310,6 +316,58 @@ def diagnose(res: Path) -> dict:
     return out
 
 
+#: the labels an oracle encoder trains on: the simulation's truth for each set-1 particle
+ORACLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
+
+def truth_labelled_set1(res: Path) -> Path:
+    """Set 1 as preprocessed, with the simulation's true pose and amplitudes as its labels
+    (in the columns HEMNMA writes): the training set of the oracle encoder."""
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.star import amplitude_columns, read_star, write_star
+    from deephemnma.evaluate import align_tables, load_ground_truth
+
+    out = res / "bench" / "oracle_set1.star"
+    if out.exists():
+        return out
+    star = read_star(res / "preprocess/set1.star")
+    truth = load_ground_truth(res / "simulate/ground_truth.star")
+    _, t = align_tables(star.particles, truth)
+    table = star.particles.copy()
+    for c in (*ORACLE_COLUMNS, *amplitude_columns(truth)):
+        table[c] = t[c].to_numpy(float)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_star(out, table, star.optics, source=star.path)
+    return out
+
+
+def oracle(res: Path, sets: dict, steps: int) -> dict:
+    """The ceiling of an amortised encoder at this budget: the grid regressor (the bench's
+    training settings, one process) trained on set 1 with the simulation's exact labels
+    instead of HEMNMA's, then set 2 answered by it alone. No label strategy of a VAE (HEMNMA's,
+    self-training fits) gives its encoder better labels than these."""
+    name = variant_folder("oracle", {**sets, "steps": str(steps)})
+    out = res / "bench" / name
+    per_epoch = min(200, steps)
+    over = {"network.model": "regressor", "network.epochs": max(1, steps // per_epoch),
+            "network.steps_per_epoch": per_epoch, **sets}
+    if not (out / "best.pt").exists() or not (out / "cpu_seconds.json").exists():
+        resumed = (out / "last.pt").exists()
+        cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", truth_labelled_set1(res), "--modes",
+               res / "nma/modes.npz", "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1,
+               "--resume", "auto"]
+        for k, v in over.items():
+            cmd += ["--set", f"{k}={v}"]
+        seconds = sh(cmd)
+        if resumed:
+            seconds = max(seconds, json.loads((out / "summary.json").read_text()).get("cpu_seconds", 0.0))
+        cpu_record(out / "cpu_seconds.json", seconds)
+    chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
+    star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"{name}_alone")
+    return {"settings": over, "training_cpu_hours": cpu_record(out / "cpu_seconds.json") / 3600,
+            **evaluate(res, star, name), "summary": json.loads((out / "summary.json").read_text())}
+
+
 def variant_folder(base: str, sets: dict) -> str:
     """A VAE's name: ``base`` (``scratch``, ``regressor``), or ``<base>_<tag>`` for a variant with
     settings ``sets`` (a tag of the sorted settings, so a variant never reuses another's training)."""
@@ -380,6 +438,14 @@ def main(argv=None) -> int:
                     help="a setting of the VAE initialised from the regressor (repeatable, e.g. network.lr=1e-4): "
                          "the variant trains in its own folder, vae_regressor_<tag>")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
+    ap.add_argument("--oracle", action="store_true",
+                    help="only the oracle encoder: the grid regressor trained on set 1's true labels (the "
+                         "simulation's), the ceiling of any VAE's encoder at this budget; vae_oracle_<tag>.json")
+    ap.add_argument("--oracle-steps", type=int, default=20400,
+                    help="the oracle's optimiser steps, one process (default: the network-accuracy bench's "
+                         "regressor, 102 x 200)")
+    ap.add_argument("--oracle-set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                    help="a setting of the oracle (repeatable, e.g. network.width=24)")
     ap.add_argument("--diagnose", action="store_true",
                     help="only the pose-pretraining diagnostics (1,200 pose steps per variant; vae_diagnostics.json)")
     args = ap.parse_args(argv)
@@ -389,6 +455,17 @@ def main(argv=None) -> int:
             return missing(res / "filter/kept.star", args.work)
         write_result("vae_diagnostics", diagnose(res), notes="pose steps alone; validation on real set-1 particles "
                                                               "against HEMNMA's answers (chance ~90°)")
+        return 0
+    if args.oracle:
+        if not (res / "simulate/ground_truth.star").exists():
+            return missing(res / "simulate/ground_truth.star", args.work)
+        sets = dict(args.oracle_set)
+        figures = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0,
+                   "oracle": oracle(res, sets, args.oracle_steps)}
+        name = variant_folder("oracle", {**sets, "steps": str(args.oracle_steps)})
+        write_result(f"vae_{name}", figures, notes="the grid regressor trained on set 1's exact labels (the "
+                     "simulation's truth), set 2 answered by it alone: the ceiling of an amortised encoder")
+        print(json.dumps({k: v for k, v in figures["oracle"].items() if k != "summary"}, indent=1))
         return 0
     t0 = time.perf_counter()
     scratch_sets = dict(args.scratch_set)
