@@ -32,8 +32,8 @@ from its encoder's hypotheses, as its self-training fits them, against the truth
 encoder's own answers for them — how much better the decoder's fits are than the encoder.
 
 The oracle (``--oracle``): the grid regressor trained on set 1 with the simulation's exact
-labels instead of HEMNMA's, set 2 answered by it alone — the best any label strategy (HEMNMA's
-labels, the VAE's self-training fits) can give an amortised encoder of that width and budget.
+labels instead of HEMNMA's, set 2 answered by it alone — the best labels any strategy (HEMNMA's,
+the VAE's self-training fits) can give an encoder of that width and budget for its training particles.
 
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
 motion outside the fitted modes — the helix on modes 7–9 plus ± 120 on mode 10 (about 3 Å
@@ -103,17 +103,23 @@ def train_vae(res: Path, name: str, overrides: dict, cpu_hours: float, ranks: in
     per_epoch = min(100, steps)
     sets = {"network.model": "vae", "network.epochs": max(1, steps // per_epoch), "network.steps_per_epoch": per_epoch,
             "network.vae_data": "all", "network.vae_particles": [str(res / "preprocess/set2.star")], **overrides}
+    return best, train_run(res, out, particles or res / "filter/kept.star", sets, ranks) / 3600
+
+
+def train_run(res: Path, out: Path, particles: Path, sets: dict, ranks: int = 1) -> float:
+    """``deephemnma train`` of ``particles`` into ``out`` with the bench's training config and
+    ``sets`` (resumed where a killed run stopped); records and returns its CPU seconds."""
     resumed = (out / "last.pt").exists()
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "deephemnma"] if ranks > 1 else [sys.executable, "-m", "deephemnma"])
-    cmd = [*launch, "train", "--particles", particles or res / "filter/kept.star", "--modes", res / "nma/modes.npz",
+    cmd = [*launch, "train", "--particles", particles, "--modes", res / "nma/modes.npz",
            "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1, "--resume", "auto"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
     seconds = sh(cmd)
     if resumed:  # a killed training resumed: this process saw only its last epochs; the history has them all
         seconds = max(seconds, json.loads((out / "summary.json").read_text()).get("cpu_seconds", 0.0))
-    return best, cpu_record(cpu_file, seconds) / 3600
+    return cpu_record(out / "cpu_seconds.json", seconds)
 
 
 def posterior_vs_error(res: Path, star: Path) -> dict:
@@ -341,27 +347,17 @@ def truth_labelled_set1(res: Path) -> Path:
     return out
 
 
-def oracle(res: Path, sets: dict, steps: int) -> dict:
+def oracle(res: Path, name: str, sets: dict, steps: int) -> dict:
     """The ceiling of an amortised encoder at this budget: the grid regressor (the bench's
-    training settings, one process) trained on set 1 with the simulation's exact labels
-    instead of HEMNMA's, then set 2 answered by it alone. No label strategy of a VAE (HEMNMA's,
-    self-training fits) gives its encoder better labels than these."""
-    name = variant_folder("oracle", {**sets, "steps": str(steps)})
+    training settings, one process) trained in res/bench/<name> on set 1 with the simulation's
+    exact labels instead of HEMNMA's, then set 2 answered by it alone. No label strategy
+    (HEMNMA's, a VAE's self-training fits) gives the training particles better labels."""
     out = res / "bench" / name
     per_epoch = min(200, steps)
     over = {"network.model": "regressor", "network.epochs": max(1, steps // per_epoch),
             "network.steps_per_epoch": per_epoch, **sets}
     if not (out / "best.pt").exists() or not (out / "cpu_seconds.json").exists():
-        resumed = (out / "last.pt").exists()
-        cmd = [sys.executable, "-m", "deephemnma", "train", "--particles", truth_labelled_set1(res), "--modes",
-               res / "nma/modes.npz", "--outdir", out, "--config", res / "config/train.yaml", "--threads", 1,
-               "--resume", "auto"]
-        for k, v in over.items():
-            cmd += ["--set", f"{k}={v}"]
-        seconds = sh(cmd)
-        if resumed:
-            seconds = max(seconds, json.loads((out / "summary.json").read_text()).get("cpu_seconds", 0.0))
-        cpu_record(out / "cpu_seconds.json", seconds)
+        train_run(res, out, truth_labelled_set1(res), over)
     chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
     star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"{name}_alone")
     return {"settings": over, "training_cpu_hours": cpu_record(out / "cpu_seconds.json") / 3600,
@@ -440,7 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="parallel jobs for the misfit particles")
     ap.add_argument("--oracle", action="store_true",
                     help="only the oracle encoder: the grid regressor trained on set 1's true labels (the "
-                         "simulation's), the ceiling of any VAE's encoder at this budget; vae_oracle_<tag>.json")
+                         "simulation's), the ceiling of an encoder trained on other particles' labels; vae_oracle_<tag>.json")
     ap.add_argument("--oracle-steps", type=int, default=20400,
                     help="the oracle's optimiser steps, one process (default: the network-accuracy bench's "
                          "regressor, 102 x 200)")
@@ -460,9 +456,9 @@ def main(argv=None) -> int:
         if not (res / "simulate/ground_truth.star").exists():
             return missing(res / "simulate/ground_truth.star", args.work)
         sets = dict(args.oracle_set)
-        figures = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0,
-                   "oracle": oracle(res, sets, args.oracle_steps)}
         name = variant_folder("oracle", {**sets, "steps": str(args.oracle_steps)})
+        figures = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0,
+                   "oracle": oracle(res, name, sets, args.oracle_steps)}
         write_result(f"vae_{name}", figures, notes="the grid regressor trained on set 1's exact labels (the "
                      "simulation's truth), set 2 answered by it alone: the ceiling of an amortised encoder")
         print(json.dumps({k: v for k, v in figures["oracle"].items() if k != "summary"}, indent=1))
