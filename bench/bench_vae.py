@@ -34,6 +34,9 @@ encoder's own answers for them — how much better the decoder's fits are than t
 The oracle (``--oracle``): the grid regressor trained on set 1 with the simulation's exact
 labels instead of HEMNMA's, set 2 answered by it alone — the best labels any strategy (HEMNMA's,
 the VAE's self-training fits) can give an encoder of that width and budget for its training particles.
+With ``--distil CHECKPOINT`` the same encoder trains instead on set 1 labelled by a finished
+VAE's own gated self-training fits, every set-1 particle fitted once (no truth read): what the
+VAE's fits are worth as labels, separated from how its self-training uses them.
 
 The misfit case (``--misfit-n``, default 2,000): particles simulated the same way but with a
 motion outside the fitted modes — the helix on modes 7–9 plus ± 120 on mode 10 (about 3 Å
@@ -55,10 +58,12 @@ fitted modes next to the main case's, and the posterior's width next to its actu
     python bench/bench_vae.py --only regressor --init-set network.lr=1e-4   # a variant of the other
     python bench/bench_vae.py --only regressor --init-set network.vae_pseudo_fraction=0   # no self-training
     python bench/bench_vae.py --oracle --oracle-set network.width=24   # the encoder's ceiling (exact labels)
+    python bench/bench_vae.py --oracle --oracle-set network.width=24 --oracle-steps 8000 \
+        --distil W/results/bench/vae_scratch_<tag>/best.pt   # the same encoder on a VAE's fits as labels
 
 Writes bench/results/vae.json (vae_gpu.json; a ``--scratch-set`` / ``--init-set`` variant:
 vae_scratch_<tag>.json / vae_regressor_<tag>.json; ``--only`` with a VAE's defaults: vae_<only>.json;
-``--oracle``: vae_oracle_<tag>.json).
+``--oracle``: vae_oracle_<tag>.json; with ``--distil``: vae_distil_<tag>.json).
 Resumable: a finished training or prediction is not redone.
 """
 from __future__ import annotations
@@ -347,17 +352,72 @@ def truth_labelled_set1(res: Path) -> Path:
     return out
 
 
-def oracle(res: Path, name: str, sets: dict, steps: int) -> dict:
+def fit_labelled_set1(res: Path, checkpoint: Path, batch: int = 512) -> tuple[Path, dict]:
+    """Set 1 labelled by a finished VAE's own self-training fits, no truth read: every set-1
+    particle fitted through its decoder from its encoder's pose hypotheses
+    (``VAETask.fit_particles``, as self-training fits them), the fits its gate keeps written in
+    the columns HEMNMA writes (the others left out) → res/bench/fits_set1_<checkpoint's folder>.star.
+    The training set of the distilled encoder (:func:`oracle` with ``labels``): what the VAE's
+    fits are worth as labels when every particle has one, next to the exact labels. Returns the
+    STAR and its record (kept fraction, the fits' CPU seconds)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from deephemnma.core.star import read_star, write_star
+    from deephemnma.network.checkpoint import load_checkpoint
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.train import TrainSettings, make_task
+
+    out = res / "bench" / f"fits_set1_{checkpoint.parent.name}.star"
+    record = out.with_suffix(".json")
+    if out.exists() and record.exists():
+        return out, json.loads(record.read_text())
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    ck = load_checkpoint(checkpoint)
+    s = TrainSettings.from_config({"network": {**ck["settings"], "engine": "single", "device": "cpu",
+                                               "val_fraction": 0.0, "test_fraction": 0.0}})  # all of set 1 in the pool
+    task = make_task(s, make_engine("single", "cpu"), ck["data"]["sources"], modes=res / "nma/modes.npz")
+    task.model.load_state_dict(ck["model_state"])
+    task.restore(ck)
+    star = read_star(res / "preprocess/set1.star")
+    n1 = len(task.train_set)
+    if n1 != len(star.particles) or \
+            list(task.train_set.table["rlnImageName"]) != list(star.particles["rlnImageName"]):
+        raise RuntimeError(f"{checkpoint}: its set 1 is not {res / 'preprocess/set1.star'} row for row")
+    parts = []
+    for a in range(0, n1, batch):
+        r = task.fit_particles(np.arange(a, min(n1, a + batch)))
+        parts.append((r["kept"], task.pose_table(r["fit"]["rotations"], r["fit"]["origins"], r["fit"]["amplitudes"])))
+        print(f"fits of set 1: {min(n1, a + batch)} / {n1}", file=sys.stderr, flush=True)
+    kept = np.concatenate([k for k, _ in parts])
+    labels = pd.concat([t for _, t in parts], ignore_index=True)
+    table = star.particles.reset_index(drop=True).copy()
+    for c in labels.columns:
+        table[c] = labels[c].to_numpy(float)
+    tmp = out.with_name(out.name + ".tmp")
+    write_star(tmp, table[kept].reset_index(drop=True), star.optics, source=star.path)
+    rec = {"checkpoint": str(checkpoint), "particles": int(n1), "kept": int(kept.sum()),
+           "kept_fraction": float(kept.mean()), "fit_cpu_seconds": time.process_time() - t0}
+    os.replace(tmp, out)
+    record.write_text(json.dumps(rec, indent=1))
+    return out, rec
+
+
+def oracle(res: Path, name: str, sets: dict, steps: int, labels: Path | None = None) -> dict:
     """The ceiling of an amortised encoder at this budget: the grid regressor (the bench's
     training settings, one process) trained in res/bench/<name> on set 1 with the simulation's
-    exact labels instead of HEMNMA's, then set 2 answered by it alone. No label strategy
+    exact labels instead of HEMNMA's (or on ``labels``: a set-1 STAR labelled otherwise, e.g. by
+    :func:`fit_labelled_set1`), then set 2 answered by it alone. No label strategy
     (HEMNMA's, a VAE's self-training fits) gives the training particles better labels."""
     out = res / "bench" / name
     per_epoch = min(200, steps)
     over = {"network.model": "regressor", "network.epochs": max(1, steps // per_epoch),
             "network.steps_per_epoch": per_epoch, **sets}
     if not (out / "best.pt").exists() or not (out / "cpu_seconds.json").exists():
-        train_run(res, out, truth_labelled_set1(res), over)
+        train_run(res, out, labels or truth_labelled_set1(res), over)
     chunks = sorted(p.stem for p in (res / "preprocess/set2").glob("chunk_*.star"))
     star, _ = network_alone(res, chunks, checkpoint=out / "best.pt", name=f"{name}_alone")
     return {"settings": over, "training_cpu_hours": cpu_record(out / "cpu_seconds.json") / 3600,
@@ -442,9 +502,18 @@ def main(argv=None) -> int:
                          "regressor, 102 x 200)")
     ap.add_argument("--oracle-set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                     help="a setting of the oracle (repeatable, e.g. network.width=24)")
+    ap.add_argument("--distil", type=Path, metavar="CHECKPOINT",
+                    help="with --oracle: train it on set 1 labelled by this finished VAE's gated self-training "
+                         "fits (every set-1 particle fitted once, no truth read) instead of the exact labels; "
+                         "vae_distil_<tag>.json")
     ap.add_argument("--diagnose", action="store_true",
                     help="only the pose-pretraining diagnostics (1,200 pose steps per variant; vae_diagnostics.json)")
     args = ap.parse_args(argv)
+    if args.distil and not args.oracle:
+        ap.error("--distil trains the oracle's encoder on a VAE's fits: give --oracle too")
+    if args.distil and not args.distil.is_file():
+        print(f"error: {args.distil}: no such checkpoint (a finished VAE's best.pt)", file=sys.stderr)
+        return 2
     res = args.work / "results"
     if args.diagnose:
         if not (res / "filter/kept.star").exists():
@@ -456,11 +525,16 @@ def main(argv=None) -> int:
         if not (res / "simulate/ground_truth.star").exists():
             return missing(res / "simulate/ground_truth.star", args.work)
         sets = dict(args.oracle_set)
-        name = variant_folder("oracle", {**sets, "steps": str(args.oracle_steps)})
+        labels, fits = fit_labelled_set1(res, args.distil) if args.distil else (None, None)
+        name = variant_folder("distil" if fits else "oracle",
+                              {**sets, "steps": str(args.oracle_steps), **({"labels": labels.name} if fits else {})})
         figures = {"mean_conformation_rmsd_A": mean_conformation_rmsd(res), "chance_angle_deg": 90.0,
-                   "oracle": oracle(res, name, sets, args.oracle_steps)}
-        write_result(f"vae_{name}", figures, notes="the grid regressor trained on set 1's exact labels (the "
-                     "simulation's truth), set 2 answered by it alone: the ceiling of an amortised encoder")
+                   "oracle": oracle(res, name, sets, args.oracle_steps, labels), **({"fits": fits} if fits else {})}
+        write_result(f"vae_{name}", figures, notes=(
+            f"the grid regressor trained on set 1 labelled by the gated self-training fits of {args.distil} "
+            "(no truth read), set 2 answered by it alone" if fits else
+            "the grid regressor trained on set 1's exact labels (the simulation's truth), set 2 answered by it "
+            "alone: the ceiling of an amortised encoder"))
         print(json.dumps({k: v for k, v in figures["oracle"].items() if k != "summary"}, indent=1))
         return 0
     t0 = time.perf_counter()
