@@ -179,6 +179,25 @@ MISFIT_SPREAD = 15.0
 MISFIT_SEED = 11
 
 
+def task_from_checkpoint(res: Path, checkpoint: Path, **settings):
+    """A finished VAE's training task (one process, CPU) rebuilt from its checkpoint's settings
+    (with ``settings`` over them) and training data, its weights, calibration and pool restored."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from deephemnma.network.checkpoint import load_checkpoint
+    from deephemnma.network.engines import make_engine
+    from deephemnma.network.train import TrainSettings, make_task
+
+    torch.set_num_threads(1)
+    ck = load_checkpoint(checkpoint)
+    s = TrainSettings.from_config({"network": {**ck["settings"], "engine": "single", "device": "cpu", **settings}})
+    task = make_task(s, make_engine("single", "cpu"), ck["data"]["sources"], modes=res / "nma/modes.npz")
+    task.model.load_state_dict(ck["model_state"])
+    task.restore(ck)
+    return task
+
+
 def fits_vs_truth(res: Path, checkpoint: Path, n: int = 400) -> dict:
     """Where a VAE's error sits: ``n`` set-2 particles (a seeded draw) fitted through its decoder
     from its encoder's pose hypotheses, exactly as self-training fits them
@@ -186,22 +205,13 @@ def fits_vs_truth(res: Path, checkpoint: Path, n: int = 400) -> dict:
     fits, and the encoder's own answers for the same particles (what the encoder alone would
     have to learn to match). Built from the checkpoint's settings and training data."""
     import numpy as np
-    import torch
 
     sys.path.insert(0, str(REPO))
     from deephemnma.core.geometry import angular_error
     from deephemnma.evaluate import align_tables, load_ground_truth
-    from deephemnma.network.checkpoint import load_checkpoint
-    from deephemnma.network.engines import make_engine
     from deephemnma.network.posegrid import labels_of
-    from deephemnma.network.train import TrainSettings, make_task
 
-    torch.set_num_threads(1)
-    ck = load_checkpoint(checkpoint)
-    s = TrainSettings.from_config({"network": {**ck["settings"], "engine": "single", "device": "cpu"}})
-    task = make_task(s, make_engine("single", "cpu"), ck["data"]["sources"], modes=res / "nma/modes.npz")
-    task.model.load_state_dict(ck["model_state"])
-    task.restore(ck)
+    task = task_from_checkpoint(res, checkpoint)
     n1 = len(task.train_set)
     rows = np.sort(n1 + np.random.default_rng(0x7E57).permutation(task.n_pool - n1)[:n])
     r = task.fit_particles(rows)
@@ -362,26 +372,16 @@ def fit_labelled_set1(res: Path, checkpoint: Path, batch: int = 512) -> tuple[Pa
     STAR and its record (kept fraction, the fits' CPU seconds)."""
     import numpy as np
     import pandas as pd
-    import torch
 
     sys.path.insert(0, str(REPO))
     from deephemnma.core.star import read_star, write_star
-    from deephemnma.network.checkpoint import load_checkpoint
-    from deephemnma.network.engines import make_engine
-    from deephemnma.network.train import TrainSettings, make_task
 
     out = res / "bench" / f"fits_set1_{checkpoint.parent.name}.star"
     record = out.with_suffix(".json")
     if out.exists() and record.exists():
         return out, json.loads(record.read_text())
-    torch.set_num_threads(1)
     t0 = time.process_time()
-    ck = load_checkpoint(checkpoint)
-    s = TrainSettings.from_config({"network": {**ck["settings"], "engine": "single", "device": "cpu",
-                                               "val_fraction": 0.0, "test_fraction": 0.0}})  # all of set 1 in the pool
-    task = make_task(s, make_engine("single", "cpu"), ck["data"]["sources"], modes=res / "nma/modes.npz")
-    task.model.load_state_dict(ck["model_state"])
-    task.restore(ck)
+    task = task_from_checkpoint(res, checkpoint, val_fraction=0.0, test_fraction=0.0)  # all of set 1 in the pool
     star = read_star(res / "preprocess/set1.star")
     n1 = len(task.train_set)
     if n1 != len(star.particles) or \
